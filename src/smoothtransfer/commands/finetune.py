@@ -1,0 +1,26 @@
+"""``smoothtransfer finetune``: downstream fine-tuning from a pre-trained checkpoint with a fresh head."""
+
+from __future__ import annotations
+
+import argparse
+
+from smoothtransfer.commands._train_args import add_common, config_from_args, run_train
+
+HELP = "fine-tune a pre-trained checkpoint downstream (full, fixed features, head, LoRA)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--init", required=True, help="pre-trained checkpoint.pt to start from")
+    p.add_argument("--mode", choices=["full", "fixed", "head", "lora"],
+                   help="full network; fixed features (head only, norm statistics frozen); head (= fixed, "
+                        "'last-layer fine-tuning'); LoRA adapters + head")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--denoiser", help="denoiser directory (FT-CADIS: fine-tune through the denoiser)")
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = {"init": args.init, "mode": args.mode, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+             "denoiser": args.denoiser}
+    return run_train(config_from_args(args, "finetune", extra), args)

@@ -1,0 +1,262 @@
+"""Experiment configuration: frozen dataclasses, YAML load/dump and dotted overrides (``optim.lr=0.01``).
+
+A :class:`TrainConfig` fully describes one pre-training or fine-tuning run; it is resolved before any work
+starts (unknown keys and bad values are UserErrors naming the key) and saved in the run directory and the
+checkpoint, so every run is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from smoothtransfer.errors import UserError
+
+AMP_CHOICES = ("none", "bf16", "fp16", "auto")
+MODES = ("full", "fixed", "head", "lora")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run trains on, and how the held-out validation split is drawn."""
+
+    dataset: str = "cifar10"
+    split: str = "train"
+    data_root: str | None = None
+    #: fraction of the training split held out for model selection (never the test set, rule 8)
+    val_fraction: float = 0.1
+    #: k images per class drawn with ``seed`` (low-data fine-tuning); None = all
+    shots_per_class: int | None = None
+    #: cap on the training images after the split (a fixed random subset); None = all
+    max_train: int | None = None
+    #: cap on validation images; None = all
+    max_val: int | None = 2000
+    augment: str = "crop_flip"
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; None means the default (resnet20, layer norm) when pre-training and the
+    checkpoint's own when fine-tuning (a different value is then an error)."""
+
+    arch: str | None = None
+    norm: str | None = None
+    pretrained: bool = False
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "clean"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    #: learning-rate multiplier for the (fresh) classification head when fine-tuning
+    head_lr_mult: float = 1.0
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    #: EMA decay of the weights (e.g. 0.999); None disables EMA
+    ema: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (``stage`` pretrain or finetune)."""
+
+    stage: str = "pretrain"
+    out: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    #: fine-tuning: checkpoint to start from, and what is trained
+    init: str | None = None
+    mode: str = "full"
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    #: denoiser directory (FT-CADIS fine-tuning through a denoiser)
+    denoiser: str | None = None
+    #: validation accuracy is also measured under Gaussian noise at these σ
+    eval_sigmas: tuple = (0.25,)
+    #: which checkpoint ``checkpoint.pt`` holds at the end: the last epoch or the best on validation
+    select: str = "last"
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    #: also checkpoint every this many steps inside an epoch (0: only at epoch ends)
+    checkpoint_every: int = 200
+    threads: int | None = None
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Check value ranges; returns self. Raises UserError naming the bad key."""
+        _check(self.stage in ("pretrain", "finetune"), f"stage must be pretrain or finetune, got '{self.stage}'")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        _check(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")
+        _check(self.select in ("last", "best"), f"select must be last or best, got '{self.select}'")
+        _check(0.0 <= self.data.val_fraction < 1.0, f"data.val_fraction must be in [0,1), got {self.data.val_fraction}")
+        _check(self.data.shots_per_class is None or self.data.shots_per_class >= 1,
+               f"data.shots_per_class must be >= 1, got {self.data.shots_per_class}")
+        _check(self.optim.name in ("sgd", "adamw"), f"optim.name must be sgd or adamw, got '{self.optim.name}'")
+        _check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
+        _check(self.optim.schedule in ("cosine", "constant", "step"),
+               f"optim.schedule must be cosine, constant or step, got '{self.optim.schedule}'")
+        _check(self.optim.ema is None or 0.0 < self.optim.ema < 1.0, f"optim.ema must be in (0,1), got {self.optim.ema}")
+        _check(all(s > 0 for s in self.eval_sigmas), f"eval_sigmas must be > 0, got {list(self.eval_sigmas)}")
+        if self.stage == "finetune":
+            _check(self.init is not None, "finetune needs init: the checkpoint to start from (--init)")
+        return self
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain (YAML/JSON-able) dict of a config dataclass; tuples become lists."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; an unknown key is a UserError naming it (typo-safe)."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(names), n=1)
+        hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
+        raise UserError(f"unknown config key '{where}{k}'{hint}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        ftype = hints[f.name]
+        if is_dataclass(ftype):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{where}{f.name}' must be a mapping, got {value!r}")
+            value = from_dict(ftype, value, where=f"{where}{f.name}.")
+        else:
+            value = _coerce(value, ftype, f"{where}{f.name}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, ftype: Any, key: str) -> Any:
+    """Light type coercion for YAML / command-line values (``"0.1"`` → 0.1, lists → tuples)."""
+    text = str(ftype)
+    if value is None:
+        return None
+    if isinstance(value, list) and ("tuple" in text):
+        return tuple(value)
+    if text in ("float", "float | None") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if text in ("int", "int | None"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if text in ("float", "float | None") and not isinstance(value, (int, float)):
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if text == "bool" and not isinstance(value, bool):
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if text in ("str", "str | None") and not isinstance(value, str):
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{p}' is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: dict | None = None) -> TrainConfig:
+    """Resolve a TrainConfig from an optional base dict, a YAML file and dotted overrides."""
+    data: dict = dict(base or {})
+    if path is not None:
+        data = _deep_merge(data, load_yaml(path))
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data).validate()
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
