@@ -3,15 +3,17 @@
 Importing this package registers every objective in :data:`OBJECTIVES`.
 """
 
-import importlib as _importlib
-
-for _name in ("adversarial", "clean", "consistency", "ftcadis", "gaussian", "macer", "mixed", "simclr",
-              "smoothadv"):
-    try:
-        _importlib.import_module(f"smoothtransfer.objectives.{_name}")
-    except ModuleNotFoundError as _e:  # TEMPORARY during development: module not written yet
-        if _e.name != f"smoothtransfer.objectives.{_name}":
-            raise
+from smoothtransfer.objectives import (  # noqa: F401  (imported to register)
+    adversarial,
+    clean,
+    consistency,
+    ftcadis,
+    gaussian,
+    macer,
+    mixed,
+    simclr,
+    smoothadv,
+)
 from smoothtransfer.objectives.base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "build_objective"]

@@ -86,7 +86,7 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
     info = ds.info
     num_classes = len(ds.classes)
     if cfg.stage == "pretrain":
-        model = create_classifier(cfg.model.arch or "resnet20", num_classes, norm=cfg.model.norm or "layer",
+        model = create_classifier(cfg.model.arch or "resnet20", num_classes, norm=cfg.model.norm,
                                   mean=tuple(info.mean), std=tuple(info.std), input_size=info.image_size,
                                   in_chans=info.channels, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
     else:
@@ -114,8 +114,7 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
         model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         head_params = {id(p) for p in model.head_parameters()}
     elif frozen:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in head_params)
+        model.freeze_backbone()  # head only; the body stays in eval mode (norm statistics frozen, rule 9)
     head_names = {n for n, p in model.named_parameters() if id(p) in head_params}
     return model, head_names, frozen
 
@@ -164,14 +163,9 @@ class TrainStep(nn.Module):
 
 
 def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
-    """Train mode, except that fixed-feature fine-tuning keeps the frozen body in eval mode (rule 9):
-    its norm statistics (BatchNorm running mean/var) must not drift while only the head learns."""
+    """Train mode. A frozen backbone (``Classifier.freeze_backbone``) stays in eval mode by itself, so its
+    norm statistics (BatchNorm running mean/var) do not drift while only the head learns (rule 9)."""
     model.train()
-    if frozen_backbone:
-        model.eval()
-        for m in model.modules():
-            if any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.train()
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,597 @@
+"""Certify (or PREDICT) every image of a dataset with a smoothed classifier, resumably.
+
+Result files in ``out_dir`` (one set per noise level sigma, ``<s>`` = :func:`sigma_tag`, e.g. ``0.25``):
+
+- ``sigma_<s>.tsv``: one row per image, columns ``idx label predict radius correct time count n_used
+  p_lower``. The first six are Cohen et al.'s ``certify.py`` columns, so their ``analyze.py`` (which reads
+  columns by name) works unchanged; ``time`` is in seconds (a float, not Cohen's ``h:mm:ss``). The three
+  trailing columns are ours: ``count`` = votes ``n_A`` for the selected class among the ``n_used``
+  estimation samples (``n_used = n`` for CERTIFY; fewer when sequential certification stops early),
+  ``p_lower`` = the lower confidence bound on ``p_A`` behind the radius (one-sided Clopper-Pearson at level
+  ``alpha``; at ``alpha / stages`` for sequential). Keeping ``count`` lets a report recompute bounds at
+  another level (e.g. ``alpha / k`` for a best-over-k-sigmas certificate, DESIGN rule 5).
+  Abstentions have ``predict = -1``, ``radius = 0``, ``correct = 0``.
+- ``sigma_<s>.json``: sidecar with the settings (sigma, n0, n, alpha, seed, checkpoint, dataset, split,
+  ...), git revision, environment and the history of sessions that wrote the TSV.
+- ``summary.json``: per sigma, certified accuracy at radii ``0, 0.25, ...`` (``{"0": .., "0.25": ..}``) up
+  to one step past the largest radius ``n`` samples can certify, ACR, abstain rate, smoothed clean accuracy,
+  images/s and samples/s; rebuilt from all sidecars + TSVs in ``out_dir`` after each sigma.
+- Sharded runs (``shard=(k, K)``, one process per GPU into the same directory) write
+  ``sigma_<s>.shard<k>of<K>.tsv/.json``; ``summary.json`` and :func:`smoothtransfer.reporting.load_run`
+  merge the shards of each sigma. The per-image seeds make the merged rows equal to an unsharded run's.
+- PREDICT: ``predict_sigma_<s>.tsv`` (``idx label predict correct time``), ``predict_sigma_<s>.json``,
+  ``predict_summary.json``.
+
+Reproducibility and resumption: the noise for image ``idx`` at noise level ``sigma`` comes from its own
+generator seeded by :func:`image_seed` ``(seed, sigma, idx)``, so each certificate depends only on the
+settings and the image, not on the order or on restarts. Rows are appended, flushed and fsync'ed one at a
+time; a restarted run checks the sidecar against the current settings, drops a trailing partial line (a
+kill during a write) and continues after the last complete row, so no row is lost or duplicated and the
+certificates equal those of an uninterrupted run (on the same device type: CPU and CUDA generators draw
+different noise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoothtransfer.errors import UserError
+from smoothtransfer.evaluation.metrics import abstain_rate, accuracy, radius_grid, summarize_certificates
+from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
+from smoothtransfer.smoothing.stats import max_certifiable_radius
+from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
+
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "count", "n_used", "p_lower")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
+SUMMARY_FILE = "summary.json"
+PREDICT_SUMMARY_FILE = "predict_summary.json"
+FORMAT = "smoothtransfer-results"
+FORMAT_VERSION = 1
+SEED_SCHEME = "sha256(mode:seed:repr(sigma):idx)[:8]"
+
+BaseClassifier = nn.Module | Callable[[float], nn.Module]
+CertifyFn = Callable[[Any, torch.Tensor, torch.Generator], Any]
+
+
+def sigma_tag(sigma: float) -> str:
+    """File-name tag of a noise level: two decimals when exact (``0.25``, ``0.50``, ``1.00``), else ``%g``."""
+    return f"{sigma:.2f}" if round(sigma, 2) == sigma else f"{sigma:g}"
+
+
+def image_seed(seed: int, sigma: float, idx: int, mode: str = "certify") -> int:
+    """The 63-bit seed of the noise generator for one image (stable across processes and restarts)."""
+    digest = hashlib.sha256(f"{mode}:{int(seed)}:{float(sigma)!r}:{int(idx)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------- file handling
+
+
+@dataclass
+class _Job:
+    """One sigma's result file and what resuming it requires."""
+
+    sigma: float
+    tsv: Path
+    sidecar: Path
+    done: list[list[str]] = field(default_factory=list)  # complete rows already on disk, as strings
+    keep_bytes: int = 0  # truncate the TSV to this many bytes before appending (drops a partial line)
+    old_sidecar: dict[str, Any] | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _mismatch(out_dir: Path, key: str, old: Any, new: Any) -> UserError:
+    return UserError(
+        f"{out_dir} holds results for other settings ({key}={old} there, {new} now); "
+        "use another --out or --overwrite"
+    )
+
+
+def _inspect_existing(job: _Job, columns: Sequence[str], settings: dict[str, Any], indices: list[int],
+                      out_dir: Path) -> None:
+    """Fill ``job.done`` / ``job.keep_bytes`` from files on disk; raise UserError if they can't be resumed."""
+    if job.sidecar.exists():
+        try:
+            old = json.loads(job.sidecar.read_text())
+            old_settings = old["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{job.sidecar} is not a readable results sidecar; use another --out or --overwrite") from None
+        settings = json.loads(json.dumps(settings, default=str))  # compare as stored (tuples -> lists, ...)
+        for key in sorted(set(old_settings) | set(settings)):
+            if old_settings.get(key) != settings.get(key):
+                raise _mismatch(out_dir, key, old_settings.get(key), settings.get(key))
+        job.old_sidecar = old
+    elif job.tsv.exists():
+        raise UserError(f"{job.tsv} exists without its sidecar {job.sidecar.name}; use another --out or --overwrite")
+    if not job.tsv.exists():
+        return
+    data = job.tsv.read_bytes()
+    header = ("\t".join(columns) + "\n").encode()
+    if len(data) < len(header) and header.startswith(data):
+        return  # killed while writing the header: start the file again
+    if not data.startswith(header):
+        raise UserError(f"{job.tsv} does not have the expected header; use another --out or --overwrite")
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a partial row
+    rows = []
+    for lineno, line in enumerate(data[len(header):end].decode().splitlines(), start=2):
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            raise UserError(f"{job.tsv} line {lineno} is corrupt; use another --out or --overwrite")
+        rows.append(fields)
+    done_idx = [int(r[0]) for r in rows]
+    if done_idx != indices[: len(done_idx)]:
+        raise UserError(
+            f"{out_dir} holds results for other images ({len(done_idx)} rows that are not the first of the "
+            f"{len(indices)} selected); use another --out or --overwrite"
+        )
+    job.done = rows
+    job.keep_bytes = end
+
+
+class _RowWriter:
+    """Appends TSV rows durably: each row is written, flushed and fsync'ed before the next image."""
+
+    def __init__(self, job: _Job, columns: Sequence[str]) -> None:
+        new = not job.tsv.exists()
+        if job.tsv.exists():
+            os.truncate(job.tsv, job.keep_bytes)
+        self._f = open(job.tsv, "a", encoding="utf-8")
+        if job.keep_bytes == 0:
+            self.write("\t".join(columns))
+        if new:
+            _fsync_dir(job.tsv.parent)
+
+    def write(self, line: str) -> None:
+        self._f.write(line + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+def _base_for_sigma(model: BaseClassifier, sigma: float, device: torch.device) -> nn.Module:
+    base = model if isinstance(model, nn.Module) else model(sigma)
+    return base.to(device).eval()
+
+
+def _validate(sigmas: Sequence[float], n0: int | None, n: int, alpha: float, batch_size: int,
+              indices: list[int], dataset_len: int) -> None:
+    if not sigmas:
+        raise UserError("give at least one noise level --sigma")
+    for s in sigmas:
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
+            raise UserError(f"--sigma must be > 0, got {s}")
+    if len(set(map(float, sigmas))) != len(sigmas):
+        raise UserError(f"--sigma lists a noise level twice: {list(sigmas)}")
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if n0 is not None:
+        if n0 < 1:
+            raise UserError(f"--n0 must be >= 1, got {n0}")
+        if n0 > n:
+            raise UserError(f"--n0 ({n0}) must not exceed --n ({n})")
+    if not (0.0 < alpha < 1.0):
+        raise UserError(f"--alpha must lie strictly between 0 and 1, got {alpha}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not indices:
+        raise UserError("no images selected (check --skip/--max against the dataset size)")
+    bad = [i for i in indices if not 0 <= i < dataset_len]
+    if bad:
+        raise UserError(f"image index {bad[0]} is out of range for a dataset of {dataset_len} images")
+    if len(set(indices)) != len(indices):
+        raise UserError("the selected image indices contain duplicates")
+
+
+_SHARD_RE = re.compile(r"\.shard(\d+)of(\d+)$")
+
+
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    k, num = (int(v) for v in shard)
+    if num < 1 or not 0 <= k < num:
+        raise UserError(f"--shard must be K/NUM with 0 <= K < NUM, got {k}/{num}")
+    return k, num
+
+
+def _sigma_files(out: Path, prefix: str, tag: str) -> list[Path]:
+    """Sidecars of one sigma: ``<prefix><tag>.json`` and its shards ``<prefix><tag>.shard<k>of<K>.json``."""
+    plain = out / f"{prefix}{tag}.json"
+    return ([plain] if plain.exists() else []) + sorted(out.glob(f"{prefix}{tag}.shard*of*.json"))
+
+
+def _check_siblings(job: _Job, settings: dict[str, Any], num_shards: int, out: Path, overwrite: bool) -> None:
+    """Other shards of the same sigma must use the same number of shards and (unless overwritten) settings."""
+    prefix = job.sidecar.name.split(sigma_tag(job.sigma))[0]
+    settings = json.loads(json.dumps(settings, default=str))
+    for side in _sigma_files(out, prefix, sigma_tag(job.sigma)):
+        if side == job.sidecar:
+            continue
+        m = _SHARD_RE.search(side.stem)
+        other = int(m.group(2)) if m else 1
+        if other != num_shards:
+            raise UserError(f"{out} holds results for sigma={job.sigma:g} split into {other} shard(s), not "
+                            f"{num_shards}; use another --out")
+        try:
+            old = json.loads(side.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        diff = next((key for key in sorted(set(old) | set(settings)) if old.get(key) != settings.get(key)), None)
+        if diff is not None and not overwrite:
+            raise _mismatch(out, diff, old.get(diff), settings.get(diff))
+        if diff is not None:
+            raise UserError(f"{side.name} (another shard) has other settings ({diff}={old.get(diff)}); "
+                            "--overwrite replaces only this shard, so use another --out")
+
+
+def _run(
+    mode: str,
+    model: BaseClassifier,
+    dataset: Any,
+    *,
+    sigmas: Sequence[float],
+    n0: int | None,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    out_dir: str | os.PathLike,
+    indices: Sequence[int] | None,
+    seed: int,
+    device: str | torch.device,
+    num_classes: int | None,
+    progress: bool,
+    amp_dtype: torch.dtype | None,
+    certify_fn: CertifyFn | None,
+    certifier: str,
+    identity: Mapping[str, Any] | None,
+    info: Mapping[str, Any] | None,
+    overwrite: bool,
+    shard: tuple[int, int] | None,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    sigmas = [float(s) for s in sigmas]
+    idx_list = [int(i) for i in (range(len(dataset)) if indices is None else indices)]
+    k, num_shards = _check_shard(shard)
+    _validate(sigmas, n0, n, alpha, batch_size, idx_list, len(dataset))
+    if len(idx_list) <= k:
+        raise UserError(f"shard {k}/{num_shards} of {len(idx_list)} images is empty; use fewer shards")
+    idx_list = idx_list[k::num_shards]
+    if num_classes is None:
+        num_classes = len(dataset.classes)
+    columns = CERTIFY_COLUMNS if mode == "certify" else PREDICT_COLUMNS
+    prefix = "sigma_" if mode == "certify" else "predict_sigma_"
+    amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+
+    jobs: list[_Job] = []
+    for sigma in sigmas:
+        tag = sigma_tag(sigma)
+        stem = f"{prefix}{tag}" + (f".shard{k}of{num_shards}" if num_shards > 1 else "")
+        jobs.append(_Job(sigma, out / f"{stem}.tsv", out / f"{stem}.json"))
+    settings_of = {
+        job.sigma: {
+            "mode": mode, "sigma": job.sigma, "n0": n0, "n": n, "alpha": alpha, "seed": int(seed),
+            "seed_scheme": SEED_SCHEME, "num_classes": int(num_classes), "amp": amp_name, "certifier": certifier,
+            **dict(identity or {}),
+        }
+        for job in jobs
+    }
+    # Check every sigma's existing files before any work or writing.
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    for job in jobs:
+        _check_siblings(job, settings_of[job.sigma], num_shards, out, overwrite)
+    if not overwrite:
+        for job in jobs:
+            _inspect_existing(job, columns, settings_of[job.sigma], idx_list, out)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for job in jobs:
+            job.tsv.unlink(missing_ok=True)
+            job.sidecar.unlink(missing_ok=True)
+
+    git_rev = git_revision()
+    env = environment_info()
+    summary_path = out / (SUMMARY_FILE if mode == "certify" else PREDICT_SUMMARY_FILE)
+    for job in jobs:
+        sigma = job.sigma
+        todo = idx_list[len(job.done):]
+        if not todo and job.old_sidecar is not None:
+            continue  # already complete: nothing to write
+        session = {"started": _now(), "git_rev": git_rev, "device": str(device), "batch_size": batch_size,
+                   "resumed_after_rows": len(job.done)}
+        old = job.old_sidecar or {}
+        sidecar = {
+            "format": FORMAT, "version": FORMAT_VERSION, "kind": mode,
+            **settings_of[sigma],
+            "num_images": len(idx_list), "first_idx": idx_list[0], "last_idx": idx_list[-1],
+            "shard": k, "num_shards": num_shards,
+            "columns": list(columns),
+            "columns_note": (
+                "time is seconds per image; count = votes for the selected class among the n_used estimation "
+                "samples; p_lower = lower confidence bound on p_A behind the radius; abstain: predict=-1"
+                if mode == "certify" else "time is seconds per image; abstain: predict=-1"
+            ),
+            "settings": settings_of[sigma],
+            **dict(info or {}),
+            "git_rev": git_rev,
+            "environment": env,
+            "created": old.get("created", session["started"]),
+            "sessions": [*old.get("sessions", []), session],
+        }
+        atomic_write_json(job.sidecar, sidecar)
+
+        smooth = Smooth(_base_for_sigma(model, sigma, device), num_classes, sigma, amp_dtype=amp_dtype)
+        n_correct = sum(int(r[columns.index("correct")]) for r in job.done)
+        n_rows = len(job.done)
+        writer = _RowWriter(job, columns)
+        bar = _progress(len(idx_list), n_rows, f"{mode} sigma={sigma:g}", progress)
+        try:
+            for idx in todo:
+                x, label = dataset[idx]
+                x = torch.as_tensor(x, dtype=torch.float32).to(device)
+                label = int(label)
+                gen = torch.Generator(device=device).manual_seed(image_seed(seed, sigma, idx, mode))
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    if mode == "certify":
+                        if certify_fn is not None:
+                            cert = certify_fn(smooth, x, gen)
+                        else:
+                            cert = smooth.certify_full(x, n0, n, alpha, batch_size, generator=gen)
+                        pred = int(cert.prediction)
+                        radius = float(cert.radius) if pred != ABSTAIN else 0.0
+                        count, p_lower = int(cert.count), float(cert.p_lower)
+                        n_used = int(getattr(cert, "n_used", n))
+                    else:
+                        pred = int(smooth.predict(x, n, alpha, batch_size, generator=gen))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - t0
+                correct = int(pred == label)
+                if mode == "certify":
+                    line = (f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{elapsed:.4f}\t{count}\t{n_used}\t"
+                            f"{p_lower:.8g}")
+                else:
+                    line = f"{idx}\t{label}\t{pred}\t{correct}\t{elapsed:.4f}"
+                writer.write(line)
+                n_rows += 1
+                n_correct += correct
+                bar.set_postfix(acc=f"{n_correct / n_rows:.3f}", refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+            writer.close()
+        atomic_write_json(summary_path, summarize_dir(out, mode=mode))
+    summary = summarize_dir(out, mode=mode)
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def certify_dataset(
+    model: BaseClassifier,
+    dataset: Any,
+    *,
+    sigmas: Sequence[float],
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    out_dir: str | os.PathLike,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    certify_fn: CertifyFn | None = None,
+    certifier: str = "cohen",
+    identity: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Certify ``dataset[i]`` for ``i in indices`` at each noise level; write results to ``out_dir``.
+
+    Args:
+        model: the base classifier ``f: (B,C,H,W) in [0,1] (+noise) -> logits (B,K)``, or a callable
+            ``sigma -> nn.Module`` building one per noise level (e.g. a denoiser trained for that sigma in
+            front of the classifier). Put in eval mode and moved to ``device``.
+        dataset: ``len(dataset)``, ``dataset[i] -> (image float (C,H,W) in [0,1], label int)``, and
+            ``.classes`` when ``num_classes`` is not given.
+        sigmas: noise levels sigma (in [0,1] pixel units), each certified separately (own files, own alpha).
+        n0, n, alpha: CERTIFY's selection samples, estimation samples and failure probability.
+        batch_size: noisy samples per forward pass.
+        out_dir: result directory (see the module docstring); resumed when it already holds a partial run.
+        indices: image indices to certify, in order (default: all).
+        seed: base seed; image ``idx`` uses ``torch.Generator().manual_seed(image_seed(seed, sigma, idx))``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch.device; noise generators live there too.
+        num_classes: K (default ``len(dataset.classes)``).
+        progress: show a tqdm bar (images, running certified accuracy at r=0).
+        amp_dtype: ``torch.bfloat16``/``torch.float16`` to run the base classifier under autocast (noise is
+            still drawn and added in float32 by ``Smooth``), or None.
+        certify_fn: replaces ``Smooth.certify_full``: ``certify_fn(smooth, x (C,H,W), generator) ->`` an object
+            with ``prediction, radius, count, p_lower`` and optionally ``n_used`` (default ``n``), e.g. a
+            :class:`~smoothtransfer.smoothing.sequential.SequentialCertificate`.
+        certifier: name of the certification procedure, recorded and checked on resume.
+        identity: extra json-able facts that must match on resume (checkpoint hash, dataset, split, ...).
+        info: extra json-able facts recorded in the sidecars only (paths, command line).
+        overwrite: delete this run's existing files for these sigmas instead of resuming.
+        shard: ``(k, K)`` to certify only ``indices[k::K]`` (one process per GPU, same ``out_dir``); files
+            get a ``.shard<k>of<K>`` suffix and ``summary.json`` / reports merge the shards of each sigma.
+
+    Returns:
+        The ``summary.json`` contents (also written to ``out_dir``).
+
+    Raises:
+        UserError: bad settings, or ``out_dir`` holds results for other settings/images (nothing written).
+    """
+    return _run("certify", model, dataset, sigmas=sigmas, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+                out_dir=out_dir, indices=indices, seed=seed, device=device, num_classes=num_classes,
+                progress=progress, amp_dtype=amp_dtype, certify_fn=certify_fn, certifier=certifier,
+                identity=identity, info=info, overwrite=overwrite, shard=shard)
+
+
+def predict_dataset(
+    model: BaseClassifier,
+    dataset: Any,
+    *,
+    sigmas: Sequence[float],
+    n: int,
+    alpha: float,
+    batch_size: int,
+    out_dir: str | os.PathLike,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    identity: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Cohen's PREDICT over a dataset: ``predict_sigma_<s>.tsv`` rows ``idx label predict correct time``.
+
+    Same arguments, files and resumption as :func:`certify_dataset` (without ``n0``). PREDICT returns the
+    top class of ``n`` noisy samples unless a two-sided binomial test at level ``alpha`` cannot separate it
+    from the runner-up (then it abstains). Returns the ``predict_summary.json`` contents (accuracy and abstain
+    rate per sigma).
+    """
+    return _run("predict", model, dataset, sigmas=sigmas, n0=None, n=n, alpha=alpha, batch_size=batch_size,
+                out_dir=out_dir, indices=indices, seed=seed, device=device, num_classes=num_classes,
+                progress=progress, amp_dtype=amp_dtype, certify_fn=None, certifier="predict",
+                identity=identity, info=info, overwrite=overwrite, shard=shard)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+def read_rows(tsv: str | os.PathLike) -> dict[str, list[str]]:
+    """Columns of a results TSV as lists of strings (complete lines only; a partial last line is ignored)."""
+    text = Path(tsv).read_text()
+    lines = text.split("\n")[:-1]  # the piece after the last newline is partial (or empty)
+    if not lines:
+        return {}
+    header = lines[0].split("\t")
+    cols: dict[str, list[str]] = {h: [] for h in header}
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            continue
+        for h, v in zip(header, fields):
+            cols[h].append(v)
+    return cols
+
+
+def summarize_dir(out_dir: str | os.PathLike, mode: str = "certify", radius_step: float = 0.25) -> dict[str, Any]:
+    """Summary of every ``(predict_)sigma_*.json`` + TSV in ``out_dir`` (what ``summary.json`` holds).
+
+    ``{"format", "version", "kind", "updated", "note", "num_images", "sigmas": [per-sigma dicts]}``. Per
+    sigma (the shards of a sigma merged): settings, ``num_images`` (selected) and ``num_done`` (rows on disk), ``complete``, and
+    :func:`~smoothtransfer.evaluation.metrics.summarize_certificates` at radii ``0, 0.25, ...`` up to one
+    step past ``max_certifiable_radius(sigma, n, alpha)`` and at least to 1 (certify), or accuracy and abstain
+    rate (predict).
+    """
+    out = Path(out_dir)
+    prefix = "sigma_" if mode == "certify" else "predict_sigma_"
+    groups: dict[float, list[tuple[dict[str, Any], Path, dict[str, list[str]]]]] = {}
+    for side_path in sorted(out.glob(f"{prefix}*.json")):
+        try:
+            side = json.loads(side_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(side, dict) or side.get("kind") != mode:
+            continue
+        tsv = side_path.with_suffix(".tsv")
+        groups.setdefault(float(side["sigma"]), []).append((side, tsv, read_rows(tsv) if tsv.exists() else {}))
+    results = []
+    for sigma, parts in groups.items():
+        side = parts[0][0]
+        cols: dict[str, list[str]] = {}
+        for _, _, part in parts:  # shards of one sigma: merge their rows
+            for key, vals in part.items():
+                cols.setdefault(key, []).extend(vals)
+        entry: dict[str, Any] = {
+            "sigma": sigma, "n0": side.get("n0"), "n": side["n"], "alpha": side["alpha"],
+            "seed": side.get("seed"), "tsv": [tsv.name for _, tsv, _ in parts] if len(parts) > 1 else parts[0][1].name,
+            "num_images": sum(int(p[0].get("num_images") or 0) for p in parts),
+            "num_done": len(cols.get("idx", [])),
+        }
+        entry["complete"] = entry["num_done"] == entry["num_images"]
+        preds = [int(v) for v in cols.get("predict", [])]
+        correct = [int(v) for v in cols.get("correct", [])]
+        times = [float(v) for v in cols.get("time", [])]
+        if mode == "certify":
+            max_r = float(max_certifiable_radius(sigma, side["n"], side["alpha"]))
+            entry["max_certifiable_radius"] = max_r
+            num_images = entry["num_images"]
+            entry.update(summarize_certificates(
+                [float(v) for v in cols.get("radius", [])], correct, preds,
+                # one grid point past the cap (accuracy 0 there by construction) and at least up to r = 1
+                thresholds=radius_grid(max(max_r + radius_step, 1.0), radius_step), times=times,
+                samples_per_image=[side["n0"] + int(v) for v in cols["n_used"]] if "n_used" in cols
+                else side["n0"] + side["n"],
+            ))
+            entry["num_images"] = num_images  # selected; "num_done" counts the rows
+        else:
+            total = sum(times)
+            entry.update({
+                "accuracy": accuracy(correct), "abstain_rate": abstain_rate(preds), "seconds": total,
+                "images_per_s": len(times) / total if total > 0 else math.nan,
+                "samples_per_s": len(times) * side["n"] / total if total > 0 else math.nan,
+            })
+        for key in ("checkpoint", "dataset", "split", "denoiser", "certifier", "amp"):
+            if key in side:
+                entry[key] = side[key]
+        results.append(entry)
+    results.sort(key=lambda e: e["sigma"])
+    note = (
+        "clean_accuracy is the certified accuracy at radius 0 from CERTIFY: the accuracy of the smoothed "
+        "classifier, abstentions counted wrong. Each sigma is certified and reported separately at level alpha "
+        "(no best-over-sigma selection). images_per_s and samples_per_s use the per-image times in the TSV."
+        if mode == "certify" else
+        "accuracy of Cohen's PREDICT at level alpha, abstentions counted wrong."
+    )
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": f"{mode}-summary", "updated": _now(),
+            "note": note, "num_images": max((e["num_images"] for e in results), default=0), "sigmas": results}
