@@ -42,8 +42,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture; None means the default (resnet20, layer norm) when pre-training and the
-    checkpoint's own when fine-tuning (a different value is then an error)."""
+    """Architecture; None means the default when pre-training (resnet20, the model's default norm: batch for
+    CNNs, layer for ViTs) and the checkpoint's own when fine-tuning (a different value is then an error)."""
 
     arch: str | None = None
     norm: str | None = None
@@ -90,6 +90,9 @@ class TrainConfig:
     #: fine-tuning: checkpoint to start from, and what is trained
     init: str | None = None
     mode: str = "full"
+    #: fine-tuning on the checkpoint's own classes (e.g. FT-CADIS on an off-the-shelf CIFAR-10 classifier):
+    #: keep its trained head instead of a fresh one
+    keep_head: bool = False
     lora_rank: int = 4
     lora_alpha: float = 4.0
     #: denoiser directory (FT-CADIS fine-tuning through a denoiser)

@@ -30,11 +30,12 @@ from smoothtransfer.utils import atomic_write_json, atomic_write_text, environme
 SCALES = ("cpu-small", "gpu", "paper")
 EVAL_KINDS = ("certify", "attack", "noise_profile")
 TOP_KEYS = {"name", "title", "paper", "description", "defaults", "scales", "runs", "tables", "notes"}
-RUN_KEYS = {"stage", "init", "evaluate", "label", "certify", "attack", "noise_profile"}
+DENOISER_KEYS = {"kind", "dataset", "data_root", "size", "sigmas", "epochs", "batch_size", "lr", "weight_decay",
+                 "grad_clip", "max_train", "seed", "device"}
 CERTIFY_KEYS = {"dataset", "split", "sigmas", "n0", "n", "alpha", "batch_size", "skip", "max", "seed", "amp",
                 "data_root", "denoiser", "sequential"}
 ATTACK_KEYS = {"dataset", "split", "attack", "eps", "steps", "max", "skip", "batch_size", "seed", "data_root"}
-NOISE_KEYS = {"dataset", "split", "sigmas", "max", "batch_size", "seed", "data_root"}
+NOISE_KEYS = {"dataset", "split", "sigmas", "max", "skip", "batch_size", "seed", "data_root"}
 
 
 def experiments_dir() -> Path:
@@ -68,12 +69,17 @@ def _merge(a: dict, b: dict) -> dict:
 
 @dataclass
 class Run:
+    """One node of the grid: a ``pretrain``/``finetune`` training run (``train``) or a ``denoiser`` run
+    (``denoiser_args``: the flags of ``smoothtransfer train-denoiser``), plus its evaluations."""
+
     id: str
     stage: str
     init: str | None
-    train: TrainConfig
+    train: TrainConfig | None
     evaluate: dict[str, dict] = field(default_factory=dict)
     label: str = ""
+    denoiser_args: dict | None = None
+    needs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,9 +102,8 @@ class Experiment:
             if rid in visiting:
                 raise UserError(f"experiment {self.name}: runs form a cycle through '{rid}'")
             visiting.add(rid)
-            init = self.runs[rid].init
-            if init:
-                visit(init)
+            for dep in self.runs[rid].needs:
+                visit(dep)
             done.append(rid)
 
         for rid in self.runs:
@@ -131,7 +136,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
                         f"{', '.join(scales)}")
     sections = _merge(spec.get("defaults") or {}, scales[scale] or {})
     for sec in sections:
-        if sec not in ("pretrain", "finetune", *EVAL_KINDS):
+        if sec not in ("pretrain", "finetune", "denoiser", *EVAL_KINDS):
             raise UserError(f"unknown section '{sec}' in {path.name} defaults/scales.{scale}")
     exp_name = spec.get("name", path.stem)
     out = Path(out) if out else Path("runs") / "experiments" / exp_name / scale
@@ -142,15 +147,33 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     for rid, rspec in runs_spec.items():
         rspec = dict(rspec or {})
         stage = rspec.pop("stage", None)
-        if stage not in ("pretrain", "finetune"):
-            raise UserError(f"run '{rid}' in {path.name}: stage must be pretrain or finetune, got {stage!r}")
+        if stage not in ("pretrain", "finetune", "denoiser"):
+            raise UserError(f"run '{rid}' in {path.name}: stage must be pretrain, finetune or denoiser, "
+                            f"got {stage!r}")
+        if stage == "denoiser":
+            label = rspec.pop("label", rid)
+            args = _merge(sections.get("denoiser", {}), rspec)
+            _check_keys(args, DENOISER_KEYS, f"{path.name} run '{rid}'")
+            if data_root:
+                args["data_root"] = data_root
+            if device:
+                args["device"] = device
+            runs[rid] = Run(id=rid, stage=stage, init=None, train=None, label=label, denoiser_args=args)
+            continue
         init = rspec.pop("init", None)
         evaluate = rspec.pop("evaluate", ["certify"] if stage == "finetune" else [])
         label = rspec.pop("label", rid)
         per_run_eval = {k: rspec.pop(k) for k in EVAL_KINDS if k in rspec}
         if stage == "finetune" and init not in runs_spec:
             raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
+        needs = [init] if init else []
         train_dict = _merge(sections.get(stage, {}), rspec)
+        if train_dict.get("denoiser"):  # a denoiser run of this grid (FT-CADIS fine-tuning through it)
+            dn = train_dict["denoiser"]
+            if dn not in runs_spec:
+                raise UserError(f"run '{rid}' in {path.name}: denoiser must name a denoiser run, got {dn!r}")
+            needs.append(dn)
+            train_dict["denoiser"] = str(out / dn / "denoiser")
         train_dict["stage"] = stage
         train_dict["out"] = str(out / rid / "train")
         train_dict["init"] = str(out / init / "train" / "checkpoint.pt") if init else None
@@ -179,10 +202,16 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             _check_keys(e, {"certify": CERTIFY_KEYS, "attack": ATTACK_KEYS, "noise_profile": NOISE_KEYS}[kind],
                         f"{path.name} run '{rid}' {kind}")
             e.setdefault("dataset", train_cfg.data.dataset)
+            if kind == "certify" and e.get("denoiser"):
+                if e["denoiser"] not in runs_spec:
+                    raise UserError(f"run '{rid}' in {path.name}: certify.denoiser must name a denoiser run, "
+                                    f"got {e['denoiser']!r}")
+                needs.append(e["denoiser"])
+                e["denoiser"] = str(out / e["denoiser"] / "denoiser")
             if data_root:
                 e["data_root"] = data_root
             evals[kind] = e
-        runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label)
+        runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label, needs=needs)
     tables = spec.get("tables") or []
     for t in tables:
         for row in t.get("rows", []):
@@ -193,10 +222,11 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         for rid in only:
             if rid not in runs:
                 raise UserError(f"--only names unknown run '{rid}'; runs: {', '.join(runs)}")
-            r: str | None = rid
-            while r:
+            todo = [rid]
+            while todo:
+                r = todo.pop()
                 keep.add(r)
-                r = runs[r].init
+                todo += runs[r].needs
         runs = {k: v for k, v in runs.items() if k in keep}
         tables = [t for t in tables if all(row["run"] in runs for row in t.get("rows", []))]
     exp = Experiment(name=exp_name, scale=scale, out=out, spec=spec, runs=runs, tables=tables)
@@ -210,7 +240,10 @@ def _check_data(exp: Experiment) -> None:
 
     seen = set()
     for run in exp.runs.values():
-        pairs = [(run.train.data.dataset, run.train.data.data_root)]
+        if run.train is None:
+            pairs = [(run.denoiser_args.get("dataset", "cifar10"), run.denoiser_args.get("data_root"))]
+        else:
+            pairs = [(run.train.data.dataset, run.train.data.data_root)]
         pairs += [(e["dataset"], e.get("data_root")) for e in run.evaluate.values()]
         for name, root in pairs:
             if (name, root) in seen:
@@ -228,7 +261,8 @@ def _eval_argv(kind: str, ckpt: Path, out: Path, e: dict, device: str | None, pr
     for k, v in e.items():
         if v is None or v is False:
             continue
-        flag = "--" + k.replace("_", "-")
+        # certify takes one or more σ as --sigma (Cohen's flag); noise-profile takes --sigmas
+        flag = "--sigma" if (kind == "certify" and k == "sigmas") else "--" + k.replace("_", "-")
         if v is True:
             argv.append(flag)
         elif isinstance(v, (list, tuple)):
@@ -240,17 +274,57 @@ def _eval_argv(kind: str, ckpt: Path, out: Path, e: dict, device: str | None, pr
     return argv
 
 
-def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = None, progress: bool = True) -> int:
-    """Run ``smoothtransfer certify|attack|noise-profile`` exactly as a user would (same parser, same checks)."""
+RESULT_FILES = {"attack": "attack.json", "noise_profile": "noise_profile.json"}
+
+
+def _run_command(argv: list[str]) -> int:
+    """Run a ``smoothtransfer`` command exactly as a user would (same parser, same checks)."""
     import importlib
 
     from smoothtransfer.cli import COMMANDS, build_parser
 
-    cmd = {"certify": "certify", "attack": "attack", "noise_profile": "noise-profile"}[kind]
-    argv = [cmd, *_eval_argv(kind, ckpt, out, e, device, progress)]
-    args = build_parser(load=cmd).parse_args(argv)
-    module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[cmd][0]}")
+    args = build_parser(load=argv[0]).parse_args(argv)
+    module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[argv[0]][0]}")
     return int(module.run(args) or 0)
+
+
+def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = None, progress: bool = True) -> int:
+    """``smoothtransfer certify|attack|noise-profile`` on ``ckpt``. Certify resumes by itself; an attack or
+    noise profile whose result file exists with the same settings is reused."""
+    cmd = {"certify": "certify", "attack": "attack", "noise_profile": "noise-profile"}[kind]
+    settings_file = out / "experiment_settings.json"
+    settings = {"checkpoint": str(ckpt), **e}
+    if kind in RESULT_FILES and (out / RESULT_FILES[kind]).exists():
+        if settings_file.exists() and json.loads(settings_file.read_text()) == json.loads(json.dumps(settings)):
+            return 0
+        raise UserError(f"{out} holds {kind} results for other settings; remove it or use another --out")
+    argv = [cmd, *_eval_argv(kind, ckpt, out, e, device, progress)]
+    if not progress and kind != "noise_profile":
+        argv.append("--no-progress")
+    rc = _run_command(argv)
+    atomic_write_json(settings_file, settings)
+    if rc != 0:
+        raise UserError(f"{cmd} on {ckpt} exited with status {rc}")
+    return rc
+
+
+def run_denoiser(run: Run, out: Path, progress: bool = True) -> None:
+    """``smoothtransfer train-denoiser`` (resumed when ``out`` holds an unfinished or finished run)."""
+    args = dict(run.denoiser_args or {})
+    argv = ["train-denoiser", "--out", str(out)]
+    for k, v in args.items():
+        if v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        argv += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, str(v)]
+    if (out / "latest.json").exists():
+        latest = json.loads((out / "latest.json").read_text())
+        if len(latest.get("history", [])) >= int(args.get("epochs", 10)):
+            return
+        argv.append("--resume")
+    if not progress:
+        argv.append("--no-progress")
+    _run_command(argv)
 
 
 def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
@@ -260,7 +334,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(exp.out / "experiment.json", {
         "name": exp.name, "scale": exp.scale, "git_rev": git_revision(), "env": environment_info(),
-        "runs": {r.id: {"stage": r.stage, "init": r.init, "train": to_dict(r.train), "evaluate": r.evaluate}
+        "runs": {r.id: {"stage": r.stage, "init": r.init, "train": to_dict(r.train) if r.train else None,
+                        "denoiser": r.denoiser_args, "evaluate": r.evaluate}
                  for r in exp.runs.values()},
     })
     timings = _load_timings(exp.out)
@@ -268,6 +343,9 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     for i, run in enumerate(order, 1):
         print(f"[{exp.name}/{exp.scale}] run {i}/{len(order)}: {run.id} ({run.stage})", flush=True)
         t0 = time.time()
+        if run.stage == "denoiser":
+            run_denoiser(run, exp.out / run.id / "denoiser", progress)
+            continue
         cfg = run.train if progress else _no_progress(run.train)
         ckpt = run_training(cfg, resume=True)
         for kind, e in run.evaluate.items():
@@ -305,6 +383,8 @@ def collect(exp: Experiment) -> dict[str, Any]:
     """Per run: certify summary per σ, attack and noise-profile results (whatever exists on disk)."""
     results: dict[str, Any] = {}
     for run in exp.runs.values():
+        if run.train is None:
+            continue
         r: dict[str, Any] = {}
         for kind in EVAL_KINDS:
             d = exp.out / run.id / kind

@@ -100,8 +100,13 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
             raise UserError(f"{cfg.init} holds a LoRA-adapted model; merge it before fine-tuning again")
         model = build_from_spec(spec)
         model.load_state_dict(ckpt["state_dict"])
-        # The upstream head is replaced by a fresh one for the downstream classes.
-        model.reset_head(num_classes)
+        if cfg.keep_head:
+            if list(ckpt.get("classes") or []) != list(ds.classes):
+                raise UserError(f"keep_head needs the checkpoint's classes, but {cfg.init} was trained on "
+                                f"{len(ckpt.get('classes') or [])} other classes than {cfg.data.dataset}'s")
+        else:
+            # The upstream head is replaced by a fresh one for the downstream classes.
+            model.reset_head(num_classes)
     spec = model.spec
     if spec.get("input_size") not in (None, info.image_size) or spec.get("in_chans", 3) != info.channels:
         raise UserError(f"model expects {spec.get('in_chans')}x{spec.get('input_size')} px images but "
@@ -321,6 +326,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     start_epoch, start_step, best = 0, 0, -math.inf
     history: list[dict] = []
+    sums: dict[str, float] = {}
+    count = 0
     if existing is not None:  # resume
         st = existing["train_state"]
         model.load_state_dict(st.get("raw_model") or existing["state_dict"])
@@ -333,6 +340,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             scaler.load_state_dict(st["scaler"])
         start_epoch, start_step, best = st["epoch"], st["step_in_epoch"], st.get("best", -math.inf)
         history = list(st.get("history", []))
+        if start_step:
+            sums, count = dict(st.get("epoch_sums") or {}), int(st.get("epoch_count") or 0)
         _set_rng_state(st["rng"], device)
         if dist.is_main:
             print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
@@ -369,6 +378,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             "ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "history": history,
+            # running sums of the epoch in progress, so a mid-epoch resume logs the same epoch means
+            "epoch_sums": dict(sums) if step_in_epoch else {},
+            "epoch_count": count if step_in_epoch else 0,
         }
         save_checkpoint(path or out / CHECKPOINT, eval_model, classes=prep.classes, dataset=prep.dataset,
                         config={"train": _config_for_compare(cfg)}, epoch=epoch, train_state=train_state)
@@ -382,8 +394,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
             set_train_mode(model, prep.frozen_backbone)
             first = start_step if epoch == start_epoch else 0
-            sums: dict[str, float] = {}
-            count = 0
+            if epoch != start_epoch:
+                sums, count = {}, 0
+            count_before = count
             t0 = time.time()
             bar = tqdm(range(first, steps_per_epoch), desc=f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
@@ -442,7 +455,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             seconds = time.time() - t0
             record = {"epoch": epoch + 1, **{f"train_{k}" if not k.startswith("train") else k: v / max(count, 1)
                                               for k, v in sums.items()},
-                      "images_per_s": count * global_bs / max(seconds, 1e-9), "seconds": seconds}
+                      "images_per_s": (count - count_before) * global_bs / max(seconds, 1e-9), "seconds": seconds}
             if getattr(objective, "uses_labels", True):
                 val = evaluate(weights_for_eval(), prep.val_images, prep.val_targets, device,
                                cfg.eval_batch_size, tuple(cfg.eval_sigmas), seed=cfg.seed, amp_dtype=amp_dtype)

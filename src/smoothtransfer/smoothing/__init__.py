@@ -1,0 +1,42 @@
+"""Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019).
+
+``Smooth(base_classifier, num_classes, sigma).certify(x, n0, n, alpha, batch_size)`` returns ``(class,
+radius)`` or ``(ABSTAIN, 0.0)``; :func:`certify_sequential` saves samples on a grid of radii with an
+anytime-valid bound; ``stats`` holds the pure Clopper-Pearson / binomial-test / radius functions.
+"""
+
+from smoothtransfer.smoothing.sampling import (
+    default_batch_size,
+    prepare_for_inference,
+    sample_counts,
+    sample_counts_multi,
+)
+from smoothtransfer.smoothing.sequential import SequentialCertificate, certify_sequential, stage_sizes
+from smoothtransfer.smoothing.smooth import ABSTAIN, Certificate, Smooth
+from smoothtransfer.smoothing.stats import (
+    binom_pvalue,
+    certified_radius,
+    clopper_pearson_interval,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    max_certifiable_radius,
+)
+
+__all__ = [
+    "ABSTAIN",
+    "Certificate",
+    "SequentialCertificate",
+    "Smooth",
+    "binom_pvalue",
+    "certified_radius",
+    "certify_sequential",
+    "clopper_pearson_interval",
+    "clopper_pearson_lower",
+    "clopper_pearson_upper",
+    "default_batch_size",
+    "max_certifiable_radius",
+    "prepare_for_inference",
+    "sample_counts",
+    "sample_counts_multi",
+    "stage_sizes",
+]

@@ -1,0 +1,203 @@
+"""The smoothed classifier ``g(x) = argmax_c P(f(x + delta) = c)``, ``delta ~ N(0, sigma^2 I)``.
+
+:class:`Smooth` implements PREDICT and CERTIFY of Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial
+Robustness via Randomized Smoothing", Algorithm/Section 3.2:
+
+* CERTIFY draws ``n0`` *selection* samples to guess the top class ``c_A``, then ``n`` *fresh, independent*
+  estimation samples (soundness rule 2), bounds ``p_A`` from below with the one-sided Clopper-Pearson bound
+  at level ``alpha`` and returns radius ``sigma * Phi^{-1}(p_lower)``, or abstains when ``p_lower < 1/2``.
+  With probability ``>= 1 - alpha`` over the noise, a non-abstaining answer ``(c_A, R)`` is correct: ``g``
+  predicts ``c_A`` everywhere within L2 distance ``R`` of ``x``.
+* PREDICT draws ``n`` samples and returns the top class unless a two-sided binomial test of the top two
+  counts has p-value ``> alpha``; it returns a wrong (non-abstain) answer with probability ``<= alpha``.
+
+Each call performs exactly one device-to-host transfer (the final counts), whatever ``n`` and the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoothtransfer.errors import UserError
+from smoothtransfer.smoothing.sampling import eval_mode, sample_counts
+from smoothtransfer.smoothing.stats import binom_pvalue, certified_radius, clopper_pearson_lower
+
+__all__ = ["ABSTAIN", "Certificate", "Smooth"]
+
+#: Returned as the prediction when the smoothed classifier abstains.
+ABSTAIN = -1
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The result of :meth:`Smooth.certify_full` for one image, with everything needed to report it.
+
+    Attributes:
+        prediction: ``c_A``, or :data:`ABSTAIN`.
+        radius: certified L2 radius ``sigma * Phi^{-1}(p_lower)``; 0.0 when abstaining.
+        p_lower: one-sided Clopper-Pearson lower bound on ``p_A`` at level ``alpha``.
+        count: votes for the selected class ``c_A`` among the ``n`` estimation samples.
+        n0, n, alpha, sigma: the parameters the certificate holds for (soundness rule 4).
+    """
+
+    prediction: int
+    radius: float
+    p_lower: float
+    count: int
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise UserError(f"{name} must be a positive integer, got {value!r}") from None
+    if v < 1:
+        raise UserError(f"{name} must be a positive integer, got {v}")
+    return v
+
+
+def _check_alpha(alpha: Any) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise UserError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
+    if not 0.0 < a < 1.0:
+        raise UserError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    return a
+
+
+class Smooth:
+    """Smoothed classifier around ``base_classifier`` at noise level ``sigma``.
+
+    Args:
+        base_classifier: ``nn.Module`` mapping ``(B,C,H,W)`` images in [0,1] plus noise to logits
+            ``(B, num_classes)``; its first layer is the input normalisation (soundness rule 1). It is run in
+            eval mode during every call and its train/eval flags are restored afterwards.
+        num_classes: number of classes ``K`` (>= 2).
+        sigma: noise standard deviation in [0,1] pixel units (> 0).
+        amp_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the base classifier under autocast; the
+            noisy input is still formed in float32 and the cast is part of the base classifier (rule 6).
+    """
+
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, *,
+                 amp_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(base_classifier, nn.Module):
+            raise UserError(f"base_classifier must be a torch.nn.Module, got {type(base_classifier).__name__}")
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        if self.num_classes < 2:
+            raise UserError(f"num_classes must be at least 2, got {self.num_classes}")
+        try:
+            self.sigma = float(sigma)
+        except (TypeError, ValueError):
+            raise UserError(f"sigma must be a positive number, got {sigma!r}") from None
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise UserError(f"sigma must be a positive number, got {sigma}")
+        if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise UserError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+        self.base_classifier = base_classifier
+        self.amp_dtype = amp_dtype
+
+    def __repr__(self) -> str:
+        return (f"Smooth({type(self.base_classifier).__name__}, num_classes={self.num_classes}, "
+                f"sigma={self.sigma}, amp_dtype={self.amp_dtype})")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _check_x(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"x must be a torch.Tensor image (C,H,W), got {type(x).__name__}")
+        if x.dim() != 3:
+            raise UserError(f"x must be one image of shape (C,H,W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise UserError(f"x must be a float image in [0,1], got dtype {x.dtype}")
+        param = next(self.base_classifier.parameters(), None)
+        if param is not None and param.device != x.device:
+            raise UserError(f"x is on {x.device} but the base classifier is on {param.device}; move one of them")
+        return x
+
+    def _counts(self, x: torch.Tensor, num: int, batch_size: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """Vote counts ``(num_classes,)`` on ``x``'s device (no host sync)."""
+        return sample_counts(self.base_classifier, x, self.sigma, num, batch_size, self.num_classes,
+                             generator=generator, amp_dtype=self.amp_dtype)
+
+    # -- Cohen et al.'s algorithms -------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> int:
+        """PREDICT: the top class of ``n`` noisy votes, or :data:`ABSTAIN` if it is not significant.
+
+        Args:
+            x: image ``(C,H,W)`` in [0,1], on the base classifier's device.
+            n: number of noise samples.
+            alpha: the probability of returning a class other than ``g(x)`` is at most ``alpha``.
+            batch_size: samples per forward pass.
+            generator: optional seeded ``torch.Generator`` on ``x``'s device type.
+        """
+        x = self._check_x(x)
+        n = _positive_int(n, "n")
+        alpha = _check_alpha(alpha)
+        with eval_mode(self.base_classifier):
+            counts = self._counts(x, n, batch_size, generator)
+        top2_counts, top2_idx = counts.topk(2)
+        (n_a, n_b), (c_a, _) = torch.stack([top2_counts, top2_idx]).tolist()  # the one host sync
+        if binom_pvalue(n_a, n_a + n_b, 0.5) > alpha:
+            return ABSTAIN
+        return int(c_a)
+
+    def certify_full(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                     generator: torch.Generator | None = None) -> Certificate:
+        """CERTIFY, returning a :class:`Certificate` with ``p_lower``, the vote count and all parameters.
+
+        Args:
+            x: image ``(C,H,W)`` in [0,1], on the base classifier's device.
+            n0: selection samples used only to choose ``c_A``.
+            n: estimation samples, drawn afresh, used only to bound ``p_A``.
+            alpha: failure probability of the certificate.
+            batch_size: samples per forward pass.
+            generator: optional seeded ``torch.Generator`` on ``x``'s device type; both draws come from it
+                one after the other, so they are independent.
+        """
+        x = self._check_x(x)
+        n0 = _positive_int(n0, "n0")
+        n = _positive_int(n, "n")
+        alpha = _check_alpha(alpha)
+        with eval_mode(self.base_classifier):
+            counts_selection = self._counts(x, n0, batch_size, generator)
+            # The guess stays on the device; the estimation draws are new noise (never reuse the n0 votes).
+            c_a = counts_selection.argmax()
+            counts_estimation = self._counts(x, n, batch_size, generator)
+        c_a, n_a = torch.stack([c_a, counts_estimation[c_a]]).tolist()  # the one host sync
+        p_lower = clopper_pearson_lower(n_a, n, alpha)
+        if p_lower < 0.5:
+            return Certificate(ABSTAIN, 0.0, p_lower, n_a, n0, n, alpha, self.sigma)
+        return Certificate(int(c_a), float(certified_radius(self.sigma, p_lower)), p_lower, n_a, n0, n, alpha,
+                           self.sigma)
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: torch.Generator | None = None) -> tuple[int, float]:
+        """CERTIFY: ``(c_A, radius)``, or ``(ABSTAIN, 0.0)``. See :meth:`certify_full`."""
+        cert = self.certify_full(x, n0, n, alpha, batch_size, generator)
+        return cert.prediction, cert.radius
+
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+                           radii, generator: torch.Generator | None = None, **kwargs):
+        """Sample-saving certification on a grid of radii; see :func:`smoothing.sequential.certify_sequential`."""
+        from smoothtransfer.smoothing.sequential import certify_sequential
+
+        return certify_sequential(self, x, n0, n_max, alpha, batch_size, radii, generator=generator, **kwargs)
