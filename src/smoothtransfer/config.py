@@ -34,6 +34,8 @@ class DataConfig:
     shots_per_class: int | None = None
     #: cap on the training images after the split (a fixed random subset); None = all
     max_train: int | None = None
+    #: keep only the first K classes (sorted class order), e.g. a 20-class upstream task on 2 CPU cores
+    max_classes: int | None = None
     #: cap on validation images; None = all
     max_val: int | None = 2000
     augment: str = "crop_flip"
@@ -121,6 +123,8 @@ class TrainConfig:
         _check(0.0 <= self.data.val_fraction < 1.0, f"data.val_fraction must be in [0,1), got {self.data.val_fraction}")
         _check(self.data.shots_per_class is None or self.data.shots_per_class >= 1,
                f"data.shots_per_class must be >= 1, got {self.data.shots_per_class}")
+        _check(self.data.max_classes is None or self.data.max_classes >= 2,
+               f"data.max_classes must be >= 2, got {self.data.max_classes}")
         _check(self.optim.name in ("sgd", "adamw"), f"optim.name must be sgd or adamw, got '{self.optim.name}'")
         _check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
         _check(self.optim.schedule in ("cosine", "constant", "step"),

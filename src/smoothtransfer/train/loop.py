@@ -62,6 +62,12 @@ def _split_data(cfg: TrainConfig):
     from smoothtransfer.data.subsets import k_shot_indices, train_val_split
 
     ds = get_dataset(cfg.data.dataset, cfg.data.split, root=cfg.data.data_root, download=cfg.data.download)
+    if cfg.data.max_classes is not None:
+        k = cfg.data.max_classes
+        if k > len(ds.classes):
+            raise UserError(f"data.max_classes={k} but {cfg.data.dataset} has only {len(ds.classes)} classes")
+        ds = ds.subset(torch.nonzero(ds.targets < k).flatten())
+        ds.classes = list(ds.classes[:k])
     targets = ds.targets
     if cfg.data.val_fraction > 0:
         tr_idx, va_idx = train_val_split(targets, cfg.data.val_fraction, cfg.seed)
