@@ -161,3 +161,34 @@ def test_ftcadis_settings(data_root, tmp_path):
         assert ce["use_nh"] is False and ce["lbd"] == 0
     assert runs["ftcadis-s050-nonh"].train.objective.params["use_nh"] is False
     assert runs["ftcadis-s050-nomask"].train.objective.params["use_mask"] is False
+
+
+def _tiny_spec(table: dict) -> dict:
+    return {
+        "name": "tiny", "title": "tiny",
+        "defaults": {"pretrain": {"data": {"dataset": "cifar10"}, "model": {"arch": "resnet20"},
+                                  "objective": {"name": "clean"}}},
+        "scales": {"cpu-small": {}, "gpu": {}},
+        "runs": {"a": {"stage": "pretrain"}},
+        "tables": [table],
+    }
+
+
+def test_table_key_typo_is_rejected(data_root, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_tiny_spec({"id": "t", "rows": [{"run": "a"}], "discusion": "x"})))
+    with pytest.raises(UserError, match="unknown key 'discusion'.*did you mean 'discussion'"):
+        load_experiment(str(path), "cpu-small", out=tmp_path / "out", data_root=data_root)
+
+
+def test_discussion_is_per_scale(data_root, tmp_path):
+    from smoothtransfer.experiments import render_tables
+
+    table = {"id": "t", "columns": ["clean"], "rows": [{"run": "a", "sigma": 0.25}],
+             "discussion": {"cpu-small": "effect shows at this scale"}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_tiny_spec(table)))
+    small = load_experiment(str(path), "cpu-small", out=tmp_path / "o1", data_root=data_root)
+    gpu = load_experiment(str(path), "gpu", out=tmp_path / "o2", data_root=data_root)
+    assert "effect shows at this scale" in render_tables(small, {})
+    assert "effect shows" not in render_tables(gpu, {})

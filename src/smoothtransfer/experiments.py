@@ -214,6 +214,8 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label, needs=needs)
     tables = spec.get("tables") or []
     for t in tables:
+        _check_keys(t, {"id", "title", "caption", "row_header", "columns", "headers", "rows", "paper_rows",
+                        "discussion"}, f"{path.name} table '{t.get('id')}'")
         for row in t.get("rows", []):
             if row.get("run") not in runs:
                 raise UserError(f"table '{t.get('id')}' in {path.name} names unknown run {row.get('run')!r}")
@@ -488,8 +490,12 @@ def render_tables(exp: Experiment, results: dict) -> str:
             lines.append("| " + " | ".join([f"paper: {prow['label']}", str(prow.get('sigma', '–')),
                                              *map(str, prow['cells'])]) + " |")
         lines.append("")
-        if t.get("discussion"):
-            lines += [t["discussion"], ""]
+        # the discussion is written after looking at a scale's measured table, so it is kept per scale
+        disc = t.get("discussion")
+        if isinstance(disc, dict):
+            disc = disc.get(exp.scale)
+        if disc:
+            lines += [f"_Discussion ({exp.scale})_: {str(disc).strip()}", ""]
     return "\n".join(lines)
 
 
