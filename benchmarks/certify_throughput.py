@@ -54,7 +54,13 @@ import torch
 from torch import nn
 
 from smoothtransfer.errors import UserError
-from smoothtransfer.smoothing import Smooth, clopper_pearson_lower, default_batch_size, prepare_for_inference
+from smoothtransfer.smoothing import (
+    Smooth,
+    clopper_pearson_lower,
+    compile_for_inference,
+    default_batch_size,
+    prepare_for_inference,
+)
 from smoothtransfer.utils import resolve_device
 
 # Per-model defaults: input size, and (n0, n, images) on CPU so the default run takes ~2-3 minutes.
@@ -117,6 +123,7 @@ class Variant:
     batch_size: int
     channels_last: bool
     reference: bool = False
+    compiled: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -143,25 +150,30 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     ours_bs = args.batch_size or default_batch_size(device, size)
 
     variants = [Variant("cohen (ref)", 400, False, reference=True), Variant("ours", ours_bs, True)]
+    if args.compile:
+        variants.append(Variant("ours+compile", ours_bs, True, compiled=True))
     if args.ablation:
         variants += [Variant("ours bs400 NCHW", 400, False), Variant("ours bs400 NHWC", 400, True),
                      Variant(f"ours bs{ours_bs} NCHW", ours_bs, False)]
     models = {}
     for v in variants:
-        if v.channels_last not in models:
-            models[v.channels_last] = prepare_for_inference(copy.deepcopy(base), channels_last=v.channels_last)
+        key = (v.channels_last, v.compiled)
+        if key not in models:
+            m = prepare_for_inference(copy.deepcopy(base), channels_last=v.channels_last)
+            models[key] = compile_for_inference(m) if v.compiled else m
     xs = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def certify(v: Variant, x: torch.Tensor, n0_: int, n_: int) -> tuple[int, float]:
-        model = models[v.channels_last]
+        model = models[(v.channels_last, v.compiled)]
         if v.reference:
             return CohenSmooth(model, args.num_classes, args.sigma).certify(x, n0_, n_, args.alpha, v.batch_size)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         return Smooth(model, args.num_classes, args.sigma, amp_dtype=amp).certify(x, n0_, n_, args.alpha,
                                                                                     v.batch_size)
 
-    for v in variants:  # warm-up: oneDNN/cuDNN primitive creation for the batch shapes the timed runs use
-        certify(v, xs[0], n0, min(n, v.batch_size))
+    for v in variants:  # warm-up: oneDNN/cuDNN primitives (and compiled graphs) for the timed batch shapes
+        # a compiled model sees every batch shape of a full run (full batch, n0 and n remainders) here
+        certify(v, xs[0], n0, n if v.compiled else min(n, v.batch_size))
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     preds: dict[str, list[int]] = {v.name: [] for v in variants}
     for i in range(images):
@@ -198,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="run OUR base classifier under autocast (changes the classifier; off for a fair ratio)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with torch.compile (compile time is paid in the untimed warm-up)")
     p.add_argument("--ablation", action="store_true", help="also time ours with Cohen's batch size / NCHW")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--alpha", type=float, default=0.001)

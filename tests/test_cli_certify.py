@@ -94,6 +94,20 @@ def test_predict_end_to_end(setup, tmp_path, capsys):
     assert len((out / "predict_sigma_0.25.tsv").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
+def test_compile_flag_gives_the_same_certificates(setup, tmp_path):
+    """certify --compile (torch.compile, ~1 min to compile on CPU): same predictions, radii equal up to the
+    float rounding of compiled convolutions (which can move a vote only for a sample on a decision boundary)."""
+    plain, comp = tmp_path / "plain", tmp_path / "comp"
+    assert certify.run(_args(certify, _base(setup, plain))) == 0
+    assert certify.run(_args(certify, _base(setup, comp, "--compile"))) == 0
+    for tag in ("0.25", "0.50"):
+        rows_p = [r.split("\t")[:4] for r in (plain / f"sigma_{tag}.tsv").read_text().splitlines()[1:]]
+        rows_c = [r.split("\t")[:4] for r in (comp / f"sigma_{tag}.tsv").read_text().splitlines()[1:]]
+        assert [r[:3] for r in rows_p] == [r[:3] for r in rows_c]
+        assert [float(r[3]) for r in rows_p] == pytest.approx([float(r[3]) for r in rows_c], abs=0.05)
+
+
 def test_sequential_flag(setup, tmp_path):
     pytest.importorskip("smoothtransfer.smoothing.sequential")
     out = tmp_path / "seq"

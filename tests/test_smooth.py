@@ -22,6 +22,7 @@ from smoothtransfer.smoothing import (
     Smooth,
     certified_radius,
     clopper_pearson_lower,
+    compile_for_inference,
     default_batch_size,
     prepare_for_inference,
     sample_counts,
@@ -234,12 +235,13 @@ def test_certify_abstains_on_the_boundary():
 
 
 def _soundness_violations(toy: LinearToy, amp_dtype, trials: int, alpha: float, seed: int,
-                          boundary_shift: float = 0.0) -> tuple[int, int]:
+                          boundary_shift: float = 0.0, model: nn.Module | None = None) -> tuple[int, int]:
     """Certify points at random true radii; count certificates that claim more than the truth.
 
     ``boundary_shift``: the base classifier's boundary is ``{signed_distance = boundary_shift}``.
+    ``model``: what is smoothed (default ``toy``), e.g. a compiled copy of it.
     """
-    smooth = Smooth(toy, 2, 0.25, amp_dtype=amp_dtype)
+    smooth = Smooth(model if model is not None else toy, 2, 0.25, amp_dtype=amp_dtype)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     violations = abstains = 0
@@ -267,6 +269,24 @@ def test_certify_is_sound_on_linear_toy():
     violations, abstains = _soundness_violations(make_toy(0), None, trials, alpha, seed=0)
     assert violations <= _violation_threshold(trials, alpha, 1e-3), violations
     assert abstains < trials / 2  # most points do get certified, so the count is informative
+
+
+@pytest.mark.statistical
+def test_certify_is_sound_with_compiled_model():
+    """The fp32 soundness test (false-failure rate <= 0.1%) through ``compile_for_inference`` (certify
+    --compile), on fewer trials (300: compile is slow to warm up). The compiled toy also gives the same votes as
+    the eager one under one seed (rounding could only flip a sample lying within ~1e-6 of the boundary)."""
+    toy = make_toy(0)
+    compiled = compile_for_inference(prepare_for_inference(make_toy(0), channels_last=False))
+    x = point_at(toy, 0.1, seed=3)
+    eager_counts = Smooth(toy, 2, 0.25).certify(x, 20, 300, 0.05, 320, generator=torch.Generator().manual_seed(5))
+    comp_counts = Smooth(compiled, 2, 0.25).certify(x, 20, 300, 0.05, 320,
+                                                    generator=torch.Generator().manual_seed(5))
+    assert comp_counts == pytest.approx(eager_counts, abs=1e-4)
+    trials, alpha = 300, 0.05
+    violations, abstains = _soundness_violations(toy, None, trials, alpha, seed=2, model=compiled)
+    assert violations <= _violation_threshold(trials, alpha, 1e-3), violations
+    assert abstains < trials / 2
 
 
 @pytest.mark.statistical

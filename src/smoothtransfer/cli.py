@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from smoothtransfer.utils import set_progress
+
+    set_progress(not getattr(args, "no_progress", False))
     try:
         module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[args.command][0]}")
         return int(module.run(args) or 0)

@@ -89,3 +89,17 @@ def environment_info() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
     return info
+
+
+# Process-wide switch for progress bars that sit below the command layer (dataset decoding, attacks);
+# the CLI turns it off for --no-progress so logs stay readable.
+_PROGRESS = True
+
+
+def set_progress(enabled: bool) -> None:
+    global _PROGRESS
+    _PROGRESS = bool(enabled)
+
+
+def progress_enabled() -> bool:
+    return _PROGRESS

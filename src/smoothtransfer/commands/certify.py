@@ -55,6 +55,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, n_default: int, batch_de
     p.add_argument("--shard", default=None, metavar="K/NUM",
                    help="certify only the K-th of NUM interleaved parts of the selected images (0-based), e.g. one "
                         "process per GPU with the same --out; summary.json and report merge the shards")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the base classifier (pays off for large N; first call compiles)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -164,6 +166,10 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise UserError(f"dataset {args.dataset} has {shape[0]}x{shape[1]}x{shape[2]} images but the checkpoint's "
                         f"model takes {want[0]}x{want[1]}x{want[2]}")
 
+    if getattr(args, "compile", False):
+        from smoothtransfer.smoothing.sampling import compile_for_inference
+
+        classifier = compile_for_inference(classifier)
     model: Any = classifier
     if denoiser_mod is not None:
         denoiser = denoiser_mod.load_denoiser(args.denoiser, device)

@@ -29,6 +29,7 @@ import torch
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.registry import Registry
+from smoothtransfer.utils import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,8 @@ def _read_and_decode(src: _Source, desc: str) -> tuple[np.ndarray, np.ndarray, l
 
     chunk = 512
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(blobs), desc=desc, unit="img") as bar:
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(blobs), desc=desc, unit="img",
+                                                               disable=not progress_enabled()) as bar:
         futures = [pool.submit(work, lo, min(lo + chunk, len(blobs))) for lo in range(0, len(blobs), chunk)]
         try:
             for f in futures:

@@ -6,6 +6,7 @@ anytime-valid bound; ``stats`` holds the pure Clopper-Pearson / binomial-test / 
 """
 
 from smoothtransfer.smoothing.sampling import (
+    compile_for_inference,
     default_batch_size,
     prepare_for_inference,
     sample_counts,
@@ -33,6 +34,7 @@ __all__ = [
     "clopper_pearson_interval",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
+    "compile_for_inference",
     "default_batch_size",
     "max_certifiable_radius",
     "prepare_for_inference",

@@ -38,6 +38,7 @@ __all__ = [
     "default_batch_size",
     "eval_mode",
     "prepare_for_inference",
+    "compile_for_inference",
     "sample_counts",
     "sample_counts_multi",
 ]
@@ -87,6 +88,18 @@ def prepare_for_inference(model: nn.Module, *, channels_last: bool | None = None
     if channels_last is None or channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_for_inference(model: nn.Module) -> nn.Module:
+    """``torch.compile`` a model prepared by :func:`prepare_for_inference` for certification.
+
+    Static shapes (``dynamic=False``): certification runs a handful of batch sizes (the full batch and the
+    remainders of ``n0`` and ``n``), each compiled once. On the 2-core CPU box Inductor's fused kernels measured
+    1.44x eager for ResNet-20 and 1.22x for ResNet-110 at batch 128 (one thread). Predictions change only by
+    float rounding (max |Δlogit| ~4e-6 on ResNet-20). The first call pays the compile (tens of seconds on CPU),
+    so it pays off for large ``n`` (e.g. N=100k) or many images, not for smoke runs.
+    """
+    return torch.compile(model, dynamic=False)
 
 
 def default_batch_size(device: torch.device | str, image_size: int) -> int:
