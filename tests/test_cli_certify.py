@@ -138,6 +138,9 @@ BAD = [
     (["--skip", "0"], "--skip must be >= 1"),
     (["--radius-grid", "0.1"], "--radius-grid only applies with --sequential"),
     (["--shard", "4/4"], "--shard must be K/NUM"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "many"], "--workers must be a positive integer or 'auto'"),
+    (["--pack", "0"], "--pack must be >= 1"),
     (["--skip", "5", "--max", "-1", "--shard", "2/3"], "is empty"),
     (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
     (["--dataset", "no-such-dataset"], "unknown dataset"),
@@ -184,3 +187,26 @@ def test_cli_main_prints_one_line_and_exits_2(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --sigma must be > 0")
     assert not out.exists()
+
+
+def test_torchrun_environment_selects_the_shard(setup, tmp_path, monkeypatch):
+    args = _args(certify, _base(setup, tmp_path / "o"))
+    assert certify.torchrun_shard(args) is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert certify.torchrun_shard(args) == (2, 4)
+    args.shard = "1/3"  # an explicit --shard wins
+    assert certify.torchrun_shard(args) == (1, 3)
+
+
+def test_manual_shards_merge_when_the_last_one_finishes(setup, tmp_path):
+    out = tmp_path / "sh"
+    for k in (0, 1):
+        assert certify.run(_args(certify, _base(setup, out, "--shard", f"{k}/2", "--workers", "1"))) == 0
+    plain = tmp_path / "plain"
+    assert certify.run(_args(certify, _base(setup, plain, "--workers", "2", "--pack", "2"))) == 0
+    for tag in ("0.25", "0.50"):
+        merged = [r.split("\t")[:5] for r in (out / f"sigma_{tag}.merged.tsv").read_text().splitlines()]
+        single = [r.split("\t")[:5] for r in (plain / f"sigma_{tag}.tsv").read_text().splitlines()]
+        assert merged == single and len(merged) == 4

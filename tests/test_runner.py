@@ -299,3 +299,55 @@ def test_kill_9_and_resume(tmp_path):
     subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
     subprocess.run([sys.executable, str(script), str(tmp_path / "full")], env=env, check=True)
     assert _rows_wo_time(tsv) == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")
+
+
+@pytest.mark.parametrize("workers, pack", [(1, 4), (2, 1), (2, 3)])
+def test_workers_and_packing_change_no_result(tmp_path, workers, pack):
+    """Forked CPU workers and packed batches give the rows of the plain one-image-at-a-time run."""
+    plain, other = tmp_path / "plain", tmp_path / "other"
+    _certify(plain, sigmas=(0.25, 0.5), indices=list(range(10)), pack=1)
+    summary = _certify(other, sigmas=(0.25, 0.5), indices=list(range(10)), workers=workers, pack=pack)
+    for tag in ("0.25", "0.50"):
+        assert _rows_wo_time(other / f"sigma_{tag}.tsv") == _rows_wo_time(plain / f"sigma_{tag}.tsv")
+    assert [e["workers"] for e in summary["sigmas"]] == [workers, workers]
+    side = json.loads((other / "sigma_0.25.json").read_text())
+    assert side["sessions"][-1]["workers"] == workers
+
+
+def test_predict_packed_with_workers_matches_plain(tmp_path):
+    kw = dict(sigmas=[0.5], n=64, alpha=0.01, batch_size=32, seed=1, progress=False, indices=list(range(9)))
+    predict_dataset(TinyLinear(), TinyDataset(), out_dir=tmp_path / "a", pack=1, **kw)
+    predict_dataset(TinyLinear(), TinyDataset(), out_dir=tmp_path / "b", pack=4, workers=2, **kw)
+    assert _rows_wo_time(tmp_path / "a" / "predict_sigma_0.50.tsv") == \
+        _rows_wo_time(tmp_path / "b" / "predict_sigma_0.50.tsv")
+
+
+def test_resume_with_another_number_of_workers(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _certify(full, indices=list(range(8)))
+    _certify(part, indices=list(range(3)), workers=1)
+    _certify(part, indices=list(range(8)), workers=2, pack=2)  # the larger --max continues, in 2 workers
+    assert _rows_wo_time(part / "sigma_0.25.tsv") == _rows_wo_time(full / "sigma_0.25.tsv")
+
+
+def test_bad_workers_and_pack(tmp_path):
+    with pytest.raises(UserError, match="--workers must be an integer >= 1"):
+        _certify(tmp_path / "w", indices=[0], workers=0)
+    with pytest.raises(UserError, match="--pack must be an integer >= 1"):
+        _certify(tmp_path / "p", indices=[0], pack=0)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()
+
+
+def test_merge_shards_writes_one_tsv_in_index_order(tmp_path):
+    from smoothtransfer.smoothing.runner import merge_shards
+
+    _certify(tmp_path / "one", indices=list(range(7)))
+    _certify(tmp_path / "two", indices=list(range(7)), shard=(0, 2))
+    merge_shards(tmp_path / "two")
+    assert not (tmp_path / "two" / "sigma_0.25.merged.tsv").exists()  # shard 1 missing: nothing merged yet
+    _certify(tmp_path / "two", indices=list(range(7)), shard=(1, 2))
+    summary = merge_shards(tmp_path / "two")
+    assert _rows_wo_time(tmp_path / "two" / "sigma_0.25.merged.tsv") == \
+        _rows_wo_time(tmp_path / "one" / "sigma_0.25.tsv")
+    assert summary["sigmas"][0]["num_done"] == 7 and summary["sigmas"][0]["complete"]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["sigmas"][0]["num_done"] == 7

@@ -123,6 +123,51 @@ def test_multi_packs_images_and_matches_itself_across_batch_sizes():
                        sample_counts(toy, xs[0], 0.25, 300, 70, 2, g2))
 
 
+@pytest.mark.parametrize("num", [1, 50, 64, 130])
+def test_multi_with_one_generator_per_image_equals_each_image_alone(num):
+    """Per-image streams: packing an image with others (any batch size) leaves its counts unchanged."""
+    toy = make_toy()
+    xs = torch.stack([point_at(toy, r, seed=i) for i, r in enumerate([-0.3, 0.0, 0.05, 0.2, 1.0])])
+    alone = [sample_counts(toy, xs[i], 0.5, num, 64, 2, generator=torch.Generator().manual_seed(40 + i))
+             for i in range(len(xs))]
+    for bs in (7, 64, 100, 10_000):
+        gens = [torch.Generator().manual_seed(40 + i) for i in range(len(xs))]
+        packed = sample_counts_multi(toy, xs, 0.5, num, bs, 2, generator=gens)
+        assert torch.equal(packed, torch.stack(alone)), bs
+    with pytest.raises(UserError, match="got 2 generators for 5 images"):
+        sample_counts_multi(toy, xs, 0.5, num, 8, 2, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_certify_batch_and_predict_batch_equal_one_image_at_a_time():
+    toy = make_toy()
+    xs = torch.stack([point_at(toy, r, seed=i) for i, r in enumerate([-0.4, -0.01, 0.0, 0.1, 0.6])])
+    smooth = Smooth(toy, num_classes=2, sigma=0.5)
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(len(xs))]
+    batch = smooth.certify_batch(xs, 30, 500, 0.001, 97, generators=gens)
+    single = [smooth.certify_full(x, 30, 500, 0.001, 64, generator=torch.Generator().manual_seed(7 + i))
+              for i, x in enumerate(xs)]
+    assert batch == single
+    assert any(c.abstained for c in batch) and any(not c.abstained for c in batch)
+    gens = [torch.Generator().manual_seed(3 + i) for i in range(len(xs))]
+    assert smooth.predict_batch(xs, 200, 0.01, 64, generators=gens) == [
+        smooth.predict(x, 200, 0.01, 33, generator=torch.Generator().manual_seed(3 + i)) for i, x in enumerate(xs)]
+    with pytest.raises(UserError, match="batch of images"):
+        smooth.certify_batch(xs[0], 30, 500, 0.001, 97)
+
+
+def test_batch_size_for_memory():
+    from smoothtransfer.smoothing.sampling import auto_batch_size, batch_size_for_memory
+
+    gib = 1 << 30
+    assert batch_size_for_memory(80 * gib, 2 * (1 << 20)) == 4096  # capped
+    assert batch_size_for_memory(1 * gib, 2 * (1 << 20)) == 256  # half of 1 GiB / 2 MiB, multiple of 64
+    assert batch_size_for_memory(100 * (1 << 20), 2 * (1 << 20)) == 25  # below one multiple: not rounded
+    assert batch_size_for_memory(1 << 20, 2 * (1 << 20)) == 1  # never 0
+    assert batch_size_for_memory(gib, 0) == 4096
+    # Off CUDA the measured CPU default is used.
+    assert auto_batch_size(make_toy(), (3, 32, 32), "cpu") == 128
+
+
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()

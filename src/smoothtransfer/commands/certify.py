@@ -57,6 +57,13 @@ def add_common_arguments(p: argparse.ArgumentParser, *, n_default: int, batch_de
                         "process per GPU with the same --out; summary.json and report merge the shards")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the base classifier (pays off for large N; first call compiles)")
+    p.add_argument("--workers", default="auto", metavar="W",
+                   help="CPU: certify W images at a time in W single-threaded worker processes (default auto: "
+                        "one per available core; 1 on GPUs, where torchrun runs one process per GPU). "
+                        "Results do not depend on it")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="images whose noisy copies share forward batches (default: batch size // n0, at most "
+                        "64; results do not depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -78,11 +85,88 @@ def validate_numbers(args: argparse.Namespace, n0: int | None) -> None:
         raise UserError(f"--alpha must lie strictly between 0 and 1, got {args.alpha:g}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    parse_workers(args.workers)
+    if args.pack is not None and args.pack < 1:
+        raise UserError(f"--pack must be >= 1, got {args.pack}")
     if args.skip is not None and args.skip < 1:
         raise UserError(f"--skip must be >= 1, got {args.skip}")
     if args.max < -1:
         raise UserError(f"--max must be >= 0, or -1 for all images, got {args.max}")
     parse_shard(args.shard)
+
+
+def parse_workers(text: str | int) -> int | None:
+    """``--workers``: a positive integer, or ``auto`` (None: decided from the device)."""
+    if isinstance(text, int) or str(text).strip().isdigit():
+        w = int(text)
+        if w < 1:
+            raise UserError(f"--workers must be >= 1 or 'auto', got {w}")
+        return w
+    if str(text).strip().lower() == "auto":
+        return None
+    raise UserError(f"--workers must be a positive integer or 'auto', got '{text}'")
+
+
+def available_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(text: str | int, device, num_images: int) -> int:
+    """Worker processes for this run: the explicit number, or on CPU one per available core (at most one per
+    image, and 1 where processes cannot be forked); always 1 on GPUs."""
+    from smoothtransfer.smoothing.runner import cpu_workers_available
+
+    w = parse_workers(text)
+    if w is not None:
+        return w
+    if device.type != "cpu" or not cpu_workers_available():
+        return 1
+    return max(1, min(available_cores(), num_images))
+
+
+def torchrun_shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard of this process: ``--shard K/NUM``, else ``(RANK, WORLD_SIZE)`` under torchrun, else None."""
+    import os
+
+    shard = parse_shard(args.shard)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if shard is not None or world <= 1:
+        return shard
+    rank = int(os.environ.get("RANK", "0"))
+    if args.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return rank, world
+
+
+def finish_shards(out: Path, shard: tuple[int, int] | None, mode: str) -> dict[str, Any] | None:
+    """After a sharded run: under torchrun wait for every rank, then rank 0 merges; a manual ``--shard``
+    process merges if it finished last. Returns the merged summary (None on other ranks / unsharded)."""
+    import os
+
+    if shard is None:
+        return None
+    from smoothtransfer.smoothing.runner import merge_shards
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import torch
+
+        from smoothtransfer.train.distributed import barrier, cleanup, init_distributed
+
+        info = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+        barrier(info)
+        is_main = info.is_main
+        cleanup(info)
+        if not is_main:
+            return None
+    return merge_shards(out, mode)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -145,7 +229,7 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     prepare_for_inference(classifier)  # eval + channels_last (measured faster on CPU and GPU)
     spec = dict(getattr(classifier, "spec", None) or ckpt.get("model_spec") or {})
-    if args.batch_size is None:
+    if args.batch_size is None and device.type != "cuda":
         args.batch_size = default_batch_size(device, int(spec.get("input_size") or 32))
     num_classes = int(spec.get("num_classes") or len(ckpt.get("classes") or []))
 
@@ -166,6 +250,13 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise UserError(f"dataset {args.dataset} has {shape[0]}x{shape[1]}x{shape[2]} images but the checkpoint's "
                         f"model takes {want[0]}x{want[1]}x{want[2]}")
 
+    if args.batch_size is None:
+        # On a GPU: sized from the memory free now, by one probe pass (before compiling: no extra graph).
+        from smoothtransfer.smoothing.sampling import auto_batch_size
+
+        args.batch_size = auto_batch_size(classifier, shape, device, amp_dtype)
+        if args.denoiser:
+            args.batch_size = max(1, args.batch_size // 4)  # the denoiser's activations come on top
     if getattr(args, "compile", False):
         from smoothtransfer.smoothing.sampling import compile_for_inference
 
@@ -254,16 +345,20 @@ def run(args: argparse.Namespace) -> int:
     validate_numbers(args, args.n0)
     _check_sequential_args(args)
     certify_fn = _sequential_certify_fn(args) if args.sequential else None
+    shard = torchrun_shard(args)
     ctx = prepare(args, "certify")
     if args.sequential:
         ctx["identity"]["radius_grid"] = args.radius_grid or "0.25 steps up to max_certifiable_radius(sigma, n, alpha)"
+    workers = resolve_workers(args.workers, ctx["device"], len(ctx["indices"]))
     summary = certify_dataset(
         ctx["model"], ctx["dataset"], sigmas=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         batch_size=args.batch_size, out_dir=ctx["out"], indices=ctx["indices"], seed=args.seed,
         device=ctx["device"], num_classes=ctx["num_classes"], progress=not args.no_progress,
         amp_dtype=ctx["amp_dtype"], certify_fn=certify_fn, certifier="sequential" if args.sequential else "cohen",
-        identity=ctx["identity"], info=ctx["info"], overwrite=args.overwrite, shard=parse_shard(args.shard),
+        identity=ctx["identity"], info=ctx["info"], overwrite=args.overwrite, shard=shard,
+        workers=workers, pack=args.pack,
     )
+    summary = finish_shards(ctx["out"], shard, "certify") or summary
     run_ = load_run(ctx["out"])
     wanted = {float(s) for s in args.sigma}
     run_.results = [r for r in run_.results if r.sigma in wanted]

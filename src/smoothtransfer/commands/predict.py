@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from smoothtransfer.commands.certify import add_common_arguments, parse_shard, prepare, validate_numbers
+from smoothtransfer.commands.certify import (
+    add_common_arguments,
+    finish_shards,
+    prepare,
+    resolve_workers,
+    torchrun_shard,
+    validate_numbers,
+)
 
 HELP = "PREDICT a dataset with the smoothed classifier (abstains when unsure)"
 
@@ -22,13 +29,16 @@ def run(args: argparse.Namespace) -> int:
     from smoothtransfer.smoothing.runner import predict_dataset
 
     validate_numbers(args, None)
+    shard = torchrun_shard(args)
     ctx = prepare(args, "predict")
     summary = predict_dataset(
         ctx["model"], ctx["dataset"], sigmas=args.sigma, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
         out_dir=ctx["out"], indices=ctx["indices"], seed=args.seed, device=ctx["device"],
         num_classes=ctx["num_classes"], progress=not args.no_progress, amp_dtype=ctx["amp_dtype"],
-        identity=ctx["identity"], info=ctx["info"], overwrite=args.overwrite, shard=parse_shard(args.shard),
+        identity=ctx["identity"], info=ctx["info"], overwrite=args.overwrite, shard=shard,
+        workers=resolve_workers(args.workers, ctx["device"], len(ctx["indices"])), pack=args.pack,
     )
+    summary = finish_shards(ctx["out"], shard, "predict") or summary
     wanted = {float(s) for s in args.sigma}
     rows = [{"σ": e["sigma"], "N": e["n"], "α": e["alpha"], "images": e["num_done"],
              "accuracy %": f"{100 * e['accuracy']:.1f}", "abstain %": f"{100 * e['abstain_rate']:.1f}",

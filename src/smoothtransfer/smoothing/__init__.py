@@ -6,6 +6,7 @@ anytime-valid bound; ``stats`` holds the pure Clopper-Pearson / binomial-test / 
 """
 
 from smoothtransfer.smoothing.sampling import (
+    auto_batch_size,
     compile_for_inference,
     default_batch_size,
     prepare_for_inference,
@@ -28,6 +29,7 @@ __all__ = [
     "Certificate",
     "SequentialCertificate",
     "Smooth",
+    "auto_batch_size",
     "binom_pvalue",
     "certified_radius",
     "certify_sequential",

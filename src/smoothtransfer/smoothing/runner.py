@@ -53,7 +53,13 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.evaluation.metrics import abstain_rate, accuracy, radius_grid, summarize_certificates
 from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
 from smoothtransfer.smoothing.stats import max_certifiable_radius
-from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
+from smoothtransfer.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    environment_info,
+    git_revision,
+    resolve_device,
+)
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "count", "n_used", "p_lower")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -262,6 +268,142 @@ def _check_siblings(job: _Job, settings: dict[str, Any], num_shards: int, out: P
                             "--overwrite replaces only this shard, so use another --out")
 
 
+def auto_pack(mode: str, n0: int | None, n: int, batch_size: int, per_image: bool) -> int:
+    """Images per :meth:`Smooth.certify_batch` call: enough to fill one forward batch with the smallest draw.
+
+    ``batch_size // n0`` for CERTIFY (the ``n0`` selection draws are the small ones), ``batch_size // n`` for
+    PREDICT, at least 1 and at most 64 (rows are written once per group). 1 for a custom ``certify_fn``
+    (sequential certification decides per image how many samples to draw).
+    """
+    if per_image:
+        return 1
+    smallest = min(n0, n) if (mode == "certify" and n0) else n
+    return max(1, min(64, batch_size // max(1, smallest)))
+
+
+class _Engine:
+    """Computes the TSV rows of a group of images at one sigma (in this process or in a worker)."""
+
+    def __init__(self, mode: str, smooth: Smooth, dataset: Any, device: torch.device, seed: int, n0: int | None,
+                 n: int, alpha: float, batch_size: int, certify_fn: CertifyFn | None) -> None:
+        self.mode, self.smooth, self.dataset, self.device = mode, smooth, dataset, device
+        self.seed, self.n0, self.n, self.alpha, self.batch_size = seed, n0, n, alpha, batch_size
+        self.certify_fn = certify_fn
+
+    def rows(self, idxs: Sequence[int]) -> list[tuple[str, int]]:
+        """``[(tsv line, correct), ...]`` for ``idxs`` in order; ``time`` is the group's time / its size."""
+        sigma, device = self.smooth.sigma, self.device
+        items = [self.dataset[i] for i in idxs]
+        xs = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items]).to(device)
+        labels = [int(y) for _, y in items]
+        gens = [torch.Generator(device=device).manual_seed(image_seed(self.seed, sigma, i, self.mode)) for i in idxs]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if self.mode == "predict":
+                if len(idxs) == 1:
+                    preds = [int(self.smooth.predict(xs[0], self.n, self.alpha, self.batch_size, generator=gens[0]))]
+                else:
+                    preds = self.smooth.predict_batch(xs, self.n, self.alpha, self.batch_size, generators=gens)
+                certs = [None] * len(idxs)
+            elif self.certify_fn is not None:
+                certs = [self.certify_fn(self.smooth, x, g) for x, g in zip(xs, gens)]
+            elif len(idxs) == 1:
+                certs = [self.smooth.certify_full(xs[0], self.n0, self.n, self.alpha, self.batch_size,
+                                                  generator=gens[0])]
+            else:
+                certs = self.smooth.certify_batch(xs, self.n0, self.n, self.alpha, self.batch_size,
+                                                  generators=gens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = (time.perf_counter() - t0) / len(idxs)
+        out = []
+        for k, (idx, label) in enumerate(zip(idxs, labels)):
+            if self.mode == "certify":
+                cert = certs[k]
+                pred = int(cert.prediction)
+                radius = float(cert.radius) if pred != ABSTAIN else 0.0
+                n_used = int(getattr(cert, "n_used", self.n))
+                correct = int(pred == label)
+                line = (f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{elapsed:.4f}\t{int(cert.count)}\t"
+                        f"{n_used}\t{float(cert.p_lower):.8g}")
+            else:
+                pred = preds[k]
+                correct = int(pred == label)
+                line = f"{idx}\t{label}\t{pred}\t{correct}\t{elapsed:.4f}"
+            out.append((line, correct))
+        return out
+
+
+# A forked worker finds the engine here (set by the parent just before it forks the pool).
+_FORK_ENGINE: _Engine | None = None
+
+
+def _worker_init(threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    torch.set_num_threads(threads)
+
+
+def _worker_rows(idxs: list[int]) -> list[tuple[str, int]]:
+    assert _FORK_ENGINE is not None
+    return _FORK_ENGINE.rows(idxs)
+
+
+def cpu_workers_available() -> bool:
+    """Worker processes need ``fork`` (Linux): they inherit the loaded model instead of pickling it."""
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _map_groups(engine: _Engine, groups: list[list[int]], workers: int):
+    """Yield ``engine.rows(g)`` for each group in order; with ``workers > 1``, computed by forked processes.
+
+    Why processes and not threads: on CPU, one single-threaded process per core certifying its own images
+    scales almost linearly, while intra-op threads split each small convolution and scaled 1.36x from one
+    to two cores on the development box (``benchmarks/certify_throughput.py --workers``). Results are the
+    same either way: every image has its own seeded generator.
+    """
+    global _FORK_ENGINE
+    if workers <= 1 or len(groups) <= 1:
+        for g in groups:
+            yield engine.rows(g)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // workers)
+    _FORK_ENGINE = engine
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_worker_init, initargs=(threads,))
+    pending: deque = deque()
+    it = iter(groups)
+    try:
+        for g in it:  # keep every worker busy with two groups in flight, results taken in order
+            pending.append(pool.submit(_worker_rows, g))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            rows = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_worker_rows, nxt))
+            yield rows
+    except BaseException:
+        # Interrupted (Ctrl-C, an error, or the consumer stopped): stop the workers now rather than let them
+        # finish images whose rows would not be written; the next run resumes after the last written row.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        raise
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        _FORK_ENGINE = None
+
+
 def _run(
     mode: str,
     model: BaseClassifier,
@@ -285,6 +427,8 @@ def _run(
     info: Mapping[str, Any] | None,
     overwrite: bool,
     shard: tuple[int, int] | None,
+    workers: int = 1,
+    pack: int | None = None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -292,6 +436,15 @@ def _run(
     idx_list = [int(i) for i in (range(len(dataset)) if indices is None else indices)]
     k, num_shards = _check_shard(shard)
     _validate(sigmas, n0, n, alpha, batch_size, idx_list, len(dataset))
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be an integer >= 1, got {workers}")
+    if pack is not None and (not isinstance(pack, int) or pack < 1):
+        raise UserError(f"--pack must be an integer >= 1, got {pack}")
+    if workers > 1 and device.type != "cpu":
+        raise UserError(f"--workers applies to CPU certification; on {device.type} run one process per GPU with "
+                        "torchrun (or --shard K/NUM)")
+    if workers > 1 and not cpu_workers_available():
+        raise UserError("--workers needs the 'fork' start method (Linux); use --workers 1 here")
     if len(idx_list) <= k:
         raise UserError(f"shard {k}/{num_shards} of {len(idx_list)} images is empty; use fewer shards")
     idx_list = idx_list[k::num_shards]
@@ -338,6 +491,7 @@ def _run(
         if not todo and job.old_sidecar is not None:
             continue  # already complete: nothing to write
         session = {"started": _now(), "git_rev": git_rev, "device": str(device), "batch_size": batch_size,
+                   "workers": workers, "threads_per_worker": max(1, torch.get_num_threads() // workers),
                    "resumed_after_rows": len(job.done)}
         old = job.old_sidecar or {}
         sidecar = {
@@ -361,43 +515,21 @@ def _run(
         atomic_write_json(job.sidecar, sidecar)
 
         smooth = Smooth(_base_for_sigma(model, sigma, device), num_classes, sigma, amp_dtype=amp_dtype)
+        engine = _Engine(mode, smooth, dataset, device, seed, n0, n, alpha, batch_size, certify_fn)
         n_correct = sum(int(r[columns.index("correct")]) for r in job.done)
         n_rows = len(job.done)
+        group = pack if pack is not None else auto_pack(mode, n0, n, batch_size, certify_fn is not None)
+        groups = [todo[i:i + group] for i in range(0, len(todo), group)]
         writer = _RowWriter(job, columns)
         bar = _progress(len(idx_list), n_rows, f"{mode} sigma={sigma:g}", progress)
         try:
-            for idx in todo:
-                x, label = dataset[idx]
-                x = torch.as_tensor(x, dtype=torch.float32).to(device)
-                label = int(label)
-                gen = torch.Generator(device=device).manual_seed(image_seed(seed, sigma, idx, mode))
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    if mode == "certify":
-                        if certify_fn is not None:
-                            cert = certify_fn(smooth, x, gen)
-                        else:
-                            cert = smooth.certify_full(x, n0, n, alpha, batch_size, generator=gen)
-                        pred = int(cert.prediction)
-                        radius = float(cert.radius) if pred != ABSTAIN else 0.0
-                        count, p_lower = int(cert.count), float(cert.p_lower)
-                        n_used = int(getattr(cert, "n_used", n))
-                    else:
-                        pred = int(smooth.predict(x, n, alpha, batch_size, generator=gen))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - t0
-                correct = int(pred == label)
-                if mode == "certify":
-                    line = (f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{elapsed:.4f}\t{count}\t{n_used}\t"
-                            f"{p_lower:.8g}")
-                else:
-                    line = f"{idx}\t{label}\t{pred}\t{correct}\t{elapsed:.4f}"
-                writer.write(line)
-                n_rows += 1
-                n_correct += correct
+            for rows in _map_groups(engine, groups, workers):
+                for line, correct in rows:
+                    writer.write(line)
+                    n_rows += 1
+                    n_correct += correct
                 bar.set_postfix(acc=f"{n_correct / n_rows:.3f}", refresh=False)
-                bar.update(1)
+                bar.update(len(rows))
         finally:
             bar.close()
             writer.close()
@@ -429,6 +561,8 @@ def certify_dataset(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
+    workers: int = 1,
+    pack: int | None = None,
 ) -> dict[str, Any]:
     """Certify ``dataset[i]`` for ``i in indices`` at each noise level; write results to ``out_dir``.
 
@@ -458,6 +592,12 @@ def certify_dataset(
         overwrite: delete this run's existing files for these sigmas instead of resuming.
         shard: ``(k, K)`` to certify only ``indices[k::K]`` (one process per GPU, same ``out_dir``); files
             get a ``.shard<k>of<K>`` suffix and ``summary.json`` / reports merge the shards of each sigma.
+        workers: CPU only: certify with this many forked worker processes (Linux), each with
+            ``torch.get_num_threads() // workers`` threads, rows still written in order by this process.
+            Changes no result (per-image seeds); the TSV does not depend on it, so a run may resume with
+            another number of workers.
+        pack: images per :meth:`Smooth.certify_batch` call (noisy copies of several images share forward
+            batches); default :func:`auto_pack`. Changes no result.
 
     Returns:
         The ``summary.json`` contents (also written to ``out_dir``).
@@ -468,7 +608,7 @@ def certify_dataset(
     return _run("certify", model, dataset, sigmas=sigmas, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
                 out_dir=out_dir, indices=indices, seed=seed, device=device, num_classes=num_classes,
                 progress=progress, amp_dtype=amp_dtype, certify_fn=certify_fn, certifier=certifier,
-                identity=identity, info=info, overwrite=overwrite, shard=shard)
+                identity=identity, info=info, overwrite=overwrite, shard=shard, workers=workers, pack=pack)
 
 
 def predict_dataset(
@@ -490,6 +630,8 @@ def predict_dataset(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
+    workers: int = 1,
+    pack: int | None = None,
 ) -> dict[str, Any]:
     """Cohen's PREDICT over a dataset: ``predict_sigma_<s>.tsv`` rows ``idx label predict correct time``.
 
@@ -501,7 +643,46 @@ def predict_dataset(
     return _run("predict", model, dataset, sigmas=sigmas, n0=None, n=n, alpha=alpha, batch_size=batch_size,
                 out_dir=out_dir, indices=indices, seed=seed, device=device, num_classes=num_classes,
                 progress=progress, amp_dtype=amp_dtype, certify_fn=None, certifier="predict",
-                identity=identity, info=info, overwrite=overwrite, shard=shard)
+                identity=identity, info=info, overwrite=overwrite, shard=shard, workers=workers, pack=pack)
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def merge_shards(out_dir: str | os.PathLike, mode: str = "certify") -> dict[str, Any]:
+    """Merge complete sharded results: ``sigma_<s>.merged.tsv`` holds every shard's rows sorted by ``idx``
+    (one file for Cohen's ``analyze.py``), and ``summary.json`` is rewritten. A sigma whose shards are not
+    all complete yet is left alone (the last shard to finish merges). Returns the summary."""
+    out = Path(out_dir)
+    prefix = "sigma_" if mode == "certify" else "predict_sigma_"
+    columns = CERTIFY_COLUMNS if mode == "certify" else PREDICT_COLUMNS
+    by_sigma: dict[str, list[Path]] = {}
+    for side in sorted(out.glob(f"{prefix}*.shard*of*.json")):
+        m = _SHARD_RE.search(side.stem)
+        if m:
+            by_sigma.setdefault(side.stem[: m.start()], []).append(side)
+    for stem, sides in by_sigma.items():
+        try:
+            metas = [json.loads(p.read_text()) for p in sides]
+        except (OSError, ValueError):
+            continue
+        num_shards = int(metas[0].get("num_shards") or 0)
+        rows: list[list[str]] = []
+        complete = len(sides) == num_shards
+        for side, meta in zip(sides, metas):
+            tsv = side.with_suffix(".tsv")
+            cols = read_rows(tsv) if tsv.exists() else {}
+            n_rows = len(cols.get("idx", []))
+            complete = complete and n_rows == int(meta.get("num_images") or -1)
+            rows += [list(r) for r in zip(*(cols.get(c, []) for c in columns))]
+        if not complete:
+            continue
+        rows.sort(key=lambda r: int(r[0]))
+        text = "\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows)
+        atomic_write_text(out / f"{stem}.merged.tsv", text)
+    summary = summarize_dir(out, mode=mode)
+    atomic_write_json(out / (SUMMARY_FILE if mode == "certify" else PREDICT_SUMMARY_FILE), summary)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ summaries
@@ -574,6 +755,12 @@ def summarize_dir(out_dir: str | os.PathLike, mode: str = "certify", radius_step
                 else side["n0"] + side["n"],
             ))
             entry["num_images"] = num_images  # selected; "num_done" counts the rows
+            # The TSV times are per process; W forked CPU workers certify W images at a time.
+            workers = int((side.get("sessions") or [{}])[-1].get("workers") or 1)
+            entry["workers"] = workers
+            for key in ("images_per_s", "samples_per_s"):
+                if key in entry:
+                    entry[key] *= workers
         else:
             total = sum(times)
             entry.update({
@@ -589,7 +776,8 @@ def summarize_dir(out_dir: str | os.PathLike, mode: str = "certify", radius_step
     note = (
         "clean_accuracy is the certified accuracy at radius 0 from CERTIFY: the accuracy of the smoothed "
         "classifier, abstentions counted wrong. Each sigma is certified and reported separately at level alpha "
-        "(no best-over-sigma selection). images_per_s and samples_per_s use the per-image times in the TSV."
+        "(no best-over-sigma selection). images_per_s and samples_per_s use the per-image times in the TSV "
+        "(seconds of one process), times the number of CPU worker processes of the latest session."
         if mode == "certify" else
         "accuracy of Cohen's PREDICT at level alpha, abstentions counted wrong."
     )

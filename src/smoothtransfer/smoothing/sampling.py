@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ from smoothtransfer.errors import UserError
 
 __all__ = [
     "NOISE_CHUNK",
+    "auto_batch_size",
+    "batch_size_for_memory",
     "default_batch_size",
     "eval_mode",
     "prepare_for_inference",
@@ -117,6 +119,52 @@ def default_batch_size(device: torch.device | str, image_size: int) -> int:
     return 1000 if small else 200
 
 
+def batch_size_for_memory(free_bytes: int, bytes_per_sample: float, *, fraction: float = 0.5, cap: int = 4096,
+                          multiple: int = 64) -> int:
+    """The largest batch whose activations take at most ``fraction`` of ``free_bytes``, capped and rounded.
+
+    Rounded down to a multiple of ``multiple`` (tensor-core friendly shapes) when that leaves at least one
+    multiple, never below 1 and never above ``cap``.
+    """
+    if bytes_per_sample <= 0 or not math.isfinite(bytes_per_sample):
+        return cap
+    fit = int(fraction * free_bytes // bytes_per_sample)
+    if fit >= multiple:
+        fit -= fit % multiple
+    return max(1, min(cap, fit))
+
+
+def auto_batch_size(model: nn.Module, shape: tuple[int, ...], device: torch.device | str,
+                    amp_dtype: torch.dtype | None = None, *, cap: int | None = None, probe: int = 32) -> int:
+    """Samples per forward pass for certification: measured from free GPU memory on CUDA, else the CPU default.
+
+    On CUDA one probe forward pass of ``probe`` noisy images ``shape = (C,H,W)`` (under ``inference_mode`` and
+    the same autocast as sampling) measures the activation memory per sample; the batch is then sized to half
+    the memory free at that moment (:func:`batch_size_for_memory`), capped at 4096 for images up to 64 px and
+    512 above (larger batches no longer raise throughput; ``cap`` overrides). Elsewhere
+    :func:`default_batch_size`.
+    """
+    device = torch.device(device)
+    size = int(shape[-1])
+    if device.type != "cuda":
+        return default_batch_size(device, size)
+    cap = cap or (4096 if size <= 64 else 512)
+    fmt = torch.channels_last if (len(shape) == 3 and _uses_channels_last(model)) else torch.contiguous_format
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with eval_mode(model), torch.inference_mode(), _autocast(device, amp_dtype):
+        x = torch.zeros((probe, *shape), device=device, dtype=torch.float32, memory_format=fmt)
+        model(x + x)  # the input and the noisy copy, as in sampling
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - base) / probe
+    del x
+    torch.cuda.empty_cache()
+    return batch_size_for_memory(free, per_sample, cap=cap)
+
+
 def _as_int(value, name: str, minimum: int) -> int:
     try:
         v = operator.index(value)  # ints and numpy integers, not 5.0 or "5"
@@ -183,6 +231,18 @@ class _NoiseStream:
         return out
 
 
+def _fill_per_image(streams: list[_NoiseStream], out: torch.Tensor, start: int, num: int) -> torch.Tensor:
+    """Fill ``out`` with samples ``start .. start+len(out)`` of the image-major sequence, image ``i``'s
+    samples (``i*num .. (i+1)*num``) from ``streams[i]``."""
+    i, end = start, start + out.shape[0]
+    while i < end:
+        image = i // num
+        stop = min(end, (image + 1) * num)
+        streams[image].fill(out[i - start:stop - start])
+        i = stop
+    return out
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None or amp_dtype == torch.float32:
         return contextlib.nullcontext()
@@ -227,17 +287,23 @@ def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, bat
 
 
 def sample_counts_multi(model: nn.Module, xs: torch.Tensor, sigma: float, num: int, batch_size: int,
-                        num_classes: int, generator: torch.Generator | None = None,
+                        num_classes: int,
+                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                         amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`sample_counts` for ``B`` images at once, packing their noisy copies into shared batches.
 
-    The ``B * num`` samples are taken image-major (all of image 0, then image 1, ...) from one noise stream
-    and cut into forward batches of ``batch_size`` that may span images — worthwhile when ``num`` is small
-    (e.g. the ``n0`` selection draws), where one image alone would leave the batch mostly empty.
-    With ``B = 1`` this is exactly :func:`sample_counts`.
+    The ``B * num`` samples are taken image-major (all of image 0, then image 1, ...) and cut into forward
+    batches of ``batch_size`` that may span images — worthwhile when ``num`` is small (e.g. the ``n0``
+    selection draws, or N=1000 on a GPU that takes 4000 samples per pass), where one image alone would leave
+    the batch mostly empty. With ``B = 1`` this is exactly :func:`sample_counts`.
 
     Args:
-        xs: images ``(B,C,H,W)``, float in [0,1]. Other arguments as in :func:`sample_counts`.
+        xs: images ``(B,C,H,W)``, float in [0,1].
+        generator: one ``torch.Generator`` (a single noise stream, image-major), or a sequence of ``B``
+            generators, one per image: image ``i``'s noise then comes from ``generator[i]`` alone, so its
+            counts equal ``sample_counts(model, xs[i], ..., generator=generator[i])`` whatever else is packed
+            with it (the runner's per-image seeds rely on this: a packed run certifies exactly like an
+            unpacked one). Other arguments as in :func:`sample_counts`.
 
     Returns:
         ``LongTensor (B, num_classes)`` on ``xs``'s device; each row sums to ``num``.
@@ -248,13 +314,22 @@ def sample_counts_multi(model: nn.Module, xs: torch.Tensor, sigma: float, num: i
         raise UserError(f"images must be float tensors in [0,1], got dtype {xs.dtype}")
     sigma, num, batch_size, num_classes = _check_common(sigma, num, batch_size, num_classes, amp_dtype)
     device = xs.device
-    _check_generator(generator, device)
     num_images, shape = xs.shape[0], tuple(xs.shape[1:])
+    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    if per_image:
+        generator = list(generator)
+        if len(generator) != num_images:
+            raise UserError(f"got {len(generator)} generators for {num_images} images; give one per image")
+        for g in generator:
+            _check_generator(g, device)
+        streams = [_NoiseStream(shape, device, g) for g in generator]
+    else:
+        _check_generator(generator, device)
+        stream = _NoiseStream(shape, device, generator)
     xs = xs.to(torch.float32).contiguous()
     total = num_images * num
     bs = max(1, min(batch_size, total))
     fmt = torch.channels_last if (len(shape) == 3 and _uses_channels_last(model)) else torch.contiguous_format
-    stream = _NoiseStream(shape, device, generator)
 
     # A normal (non-inference) tensor, so callers may update it in place outside inference mode.
     counts = torch.zeros(num_images * num_classes, dtype=torch.int64, device=device)
@@ -266,7 +341,10 @@ def sample_counts_multi(model: nn.Module, xs: torch.Tensor, sigma: float, num: i
         ones = torch.ones(bs, dtype=torch.int64, device=device)
         for start in range(0, total, bs):
             m = min(bs, total - start)
-            delta = stream.fill(noise[:m])
+            if per_image:
+                delta = _fill_per_image(streams, noise[:m], start, num)
+            else:
+                delta = stream.fill(noise[:m])
             inp = batch[:m]
             if num_images == 1:
                 # float32 x + sigma * delta, written straight into the (possibly NHWC) input buffer.
