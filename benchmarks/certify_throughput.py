@@ -195,6 +195,123 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     return out
 
 
+# --------------------------------------------------------------------------------------- whole machine
+# Forked workers find their model and images here (set by the parent just before it forks the pool).
+_POOL: dict = {}
+
+
+def _pool_init(barrier, warm_n: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    model, xs, a = _POOL["model"], _POOL["xs"], _POOL["args"]
+    if _POOL["compile"]:
+        model = _POOL["model"] = compile_for_inference(model)
+    # warm-up (oneDNN primitives, compiled graphs for every batch shape), untimed
+    Smooth(model, a.num_classes, a.sigma).certify(xs[0], _POOL["n0"], warm_n, a.alpha, _POOL["bs"])
+    barrier.wait()
+
+
+def _pool_certify(i: int) -> int:
+    a = _POOL["args"]
+    return Smooth(_POOL["model"], a.num_classes, a.sigma).certify(_POOL["xs"][i], _POOL["n0"], _POOL["n"], a.alpha,
+                                                                   _POOL["bs"])[0]
+
+
+def cpu_fma_peak(seconds: float = 1.0) -> float | None:
+    """Single-core fp32 FMA peak in GFLOP/s from ``fma_peak.c`` (beside this file), if a C compiler is here."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = Path(__file__).with_name("fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        built = subprocess.run([cc, "-O2", "-mavx2", "-mfma", str(src), "-o", str(exe)], capture_output=True)
+        if built.returncode != 0:
+            return None
+        res = subprocess.run([str(exe), str(seconds)], capture_output=True, text=True)
+        try:
+            return float(res.stdout.split()[0])
+        except (IndexError, ValueError):
+            return None
+
+
+def model_flops(model: nn.Module, size: int) -> float:
+    """Forward FLOPs of one image (torch's FlopCounterMode: 2 per multiply-add of convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model(torch.rand(1, 3, size, size, device=next(model.parameters()).device))
+    return float(fc.get_total_flops())
+
+
+def run_machine(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """The whole CPU: Cohen's code as released (one process, torch's default threads = every core, batch 400)
+    vs ours (one single-threaded forked process per core, each certifying its own images: ``certify --workers``).
+    ABBA phases (ref, ours, ours, ref) so that drifting load hits both alike; rates = samples / wall time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    workers = args.workers or cores
+    torch.manual_seed(args.seed)
+    base = _build(name, args.num_classes, device)
+    size = MODEL_DEFAULTS.get(name, {}).get("input_size", 32)
+    cpu_n0, cpu_n, _ = MODEL_DEFAULTS.get(name, {}).get("cpu", (100, 2000, 2))
+    n0 = args.n0 if args.n0 is not None else cpu_n0
+    n = args.n if args.n is not None else cpu_n
+    per_phase = args.images if args.images is not None else workers
+    bs = args.batch_size or default_batch_size(device, size)
+    xs = torch.rand(2 * per_phase, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    ref_model = prepare_for_inference(copy.deepcopy(base), channels_last=False)
+    _POOL.update(model=prepare_for_inference(copy.deepcopy(base)), xs=xs, args=args, n0=n0, n=n, bs=bs,
+                 compile=args.compile)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(workers + 1)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
+                               initargs=(barrier, n if args.compile else min(n, bs)))
+    try:
+        pool.submit(int, 0)  # starts the workers; each warms up, then waits here for the others
+        barrier.wait()
+        torch.set_num_threads(cores)
+        CohenSmooth(ref_model, args.num_classes, args.sigma).certify(xs[0], n0, min(n, 400), args.alpha, 400)
+        wall = {"cohen (ref)": 0.0, "ours": 0.0}
+        preds: dict[str, list[int]] = {"cohen (ref)": [], "ours": []}
+        for phase, kind in enumerate(["cohen (ref)", "ours", "ours", "cohen (ref)"]):
+            half = phase // 2  # both certify images A in phases 0-1 and images B in phases 2-3
+            idx = list(range(half * per_phase, (half + 1) * per_phase))
+            t0 = time.perf_counter()
+            if kind == "ours":
+                got = list(pool.map(_pool_certify, idx))
+            else:
+                got = [CohenSmooth(ref_model, args.num_classes, args.sigma).certify(xs[i], n0, n, args.alpha, 400)[0]
+                       for i in idx]
+            wall[kind] += time.perf_counter() - t0
+            preds[kind] += got
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _POOL.clear()
+    samples = 2 * per_phase * (n0 + n)
+    out = {"model": name, "px": size, "n0": n0, "n": n, "images": 2 * per_phase, "cores": cores,
+           "flops_per_sample": model_flops(ref_model, size), "variants": {}}
+    for kind, label, bsz, threads in (("cohen (ref)", f"cohen (ref) {cores}thr", 400, f"{cores} threads"),
+                                      ("ours", f"ours {workers}proc x1thr" + ("+compile" if args.compile else ""),
+                                       bs, f"{workers} procs x 1 thread")):
+        rate = samples / wall[kind]
+        out["variants"][label] = dict(batch_size=bsz, samples_per_s=rate, s_per_image_100k=(100_000 + 100) / rate,
+                                      preds=preds[kind], threads=threads)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time ours with torch.compile (compile time is paid in the untimed warm-up)")
     p.add_argument("--ablation", action="store_true", help="also time ours with Cohen's batch size / NCHW")
+    p.add_argument("--machine", action="store_true",
+                   help="CPU, whole machine: Cohen's code with every core as intra-op threads vs ours with one "
+                        "single-threaded worker process per core (certify --workers); ABBA phases, wall-clock rates")
+    p.add_argument("--workers", type=int, default=None, help="with --machine: worker processes (default: cores)")
+    p.add_argument("--peak", action="store_true",
+                   help="CPU: also measure the single-core fp32 FMA peak (fma_peak.c, needs a C compiler) and "
+                        "print each rate as a fraction of it")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--num-classes", type=int, default=10)
@@ -230,17 +354,32 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"device={device} threads={torch.get_num_threads()} load={load:.1f} torch={torch.__version__} "
               f"sigma={args.sigma} alpha={args.alpha} amp={args.amp}", flush=True)
-        print(f"{'model':<10} {'px':>4} {'n0+n':>7} {'img':>4} {'variant':<18} {'bs':>5} {'samples/s':>10} "
-              f"{'ratio':>6} {'s/img@100k':>11}", flush=True)
+        if args.machine and device.type != "cpu":
+            raise UserError("--machine compares whole CPUs; on a GPU use the default mode")
+        peak = cpu_fma_peak() if (args.peak and device.type == "cpu") else None
+        if args.peak and device.type == "cpu":
+            print(f"single-core fp32 FMA peak (fma_peak.c): "
+                  f"{'n/a (no C compiler)' if peak is None else f'{peak:.1f} GFLOP/s'}", flush=True)
+        print(f"{'model':<10} {'px':>4} {'n0+n':>7} {'img':>4} {'variant':<24} {'bs':>5} {'samples/s':>10} "
+              f"{'ratio':>6} {'s/img@100k':>11} {'GFLOP/s':>8}" + (f" {'%peak':>6}" if peak else ""), flush=True)
         for name in names:
             t0 = time.perf_counter()
-            r = run_model(name, args, device)
-            ref = r["variants"]["cohen (ref)"]["samples_per_s"]
+            r = run_machine(name, args, device) if args.machine else run_model(name, args, device)
+            flops = r.get("flops_per_sample")
+            if flops is None:
+                torch.manual_seed(args.seed)
+                flops = model_flops(_build(name, args.num_classes, device), r["px"])
+            ref = next(iter(r["variants"].values()))["samples_per_s"]
             for vname, v in r["variants"].items():
-                print(f"{name:<10} {r['px']:>4} {r['n0'] + r['n']:>7} {r['images']:>4} {vname:<18} "
+                gflops = v["samples_per_s"] * flops / 1e9
+                # % of the FMA peak of the cores the variant used (one per thread or process)
+                used = r.get("cores", args.threads or torch.get_num_threads()) if args.machine else (
+                    args.threads or torch.get_num_threads())
+                pct = f" {100 * gflops / (peak * used):>5.0f}%" if peak else ""
+                print(f"{name:<10} {r['px']:>4} {r['n0'] + r['n']:>7} {r['images']:>4} {vname:<24} "
                       f"{v['batch_size']:>5} {v['samples_per_s']:>10.1f} {v['samples_per_s'] / ref:>6.2f} "
-                      f"{v['s_per_image_100k']:>11.1f}", flush=True)
-            print(f"{'':<10} ({time.perf_counter() - t0:.0f} s wall; predictions "
+                      f"{v['s_per_image_100k']:>11.1f} {gflops:>8.1f}{pct}", flush=True)
+            print(f"{'':<10} ({time.perf_counter() - t0:.0f} s wall; {flops / 1e9:.4f} GFLOP/sample; predictions "
                   f"{ {k: v['preds'] for k, v in r['variants'].items()} })", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ from smoothtransfer.errors import UserError
 
 __all__ = [
     "NOISE_CHUNK",
+    "NoiseStream",
     "auto_batch_size",
     "batch_size_for_memory",
     "default_batch_size",
@@ -43,6 +44,7 @@ __all__ = [
     "compile_for_inference",
     "sample_counts",
     "sample_counts_multi",
+    "sample_votes",
 ]
 
 #: Noise is drawn in calls of exactly this many samples, independent of the forward batch size, so that
@@ -196,11 +198,14 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
         )
 
 
-class _NoiseStream:
+class NoiseStream:
     """Standard-normal float32 noise of shape ``(m, *shape)``, drawn in fixed chunks of ``chunk`` samples.
 
     ``fill(out)`` writes the next ``len(out)`` samples of one infinite stream into ``out``; the stream does
-    not depend on how it is cut into ``fill`` calls. Whole chunks are drawn straight into ``out``; a chunk
+    not depend on how it is cut into ``fill`` calls. Pass one as ``generator`` to the sampling functions to
+    continue it across calls: sequential certification draws its stages this way, so that under one seed
+    its stage ``s`` sees exactly the first ``n_s`` estimation samples of fixed-``N`` CERTIFY (a fresh call
+    with a ``torch.Generator`` starts a new stream and drops the unused tail of the last chunk). Whole chunks are drawn straight into ``out``; a chunk
     straddling two calls is drawn into a scratch tensor and its unused tail kept for the next call.
     """
 
@@ -231,7 +236,18 @@ class _NoiseStream:
         return out
 
 
-def _fill_per_image(streams: list[_NoiseStream], out: torch.Tensor, start: int, num: int) -> torch.Tensor:
+def _as_stream(generator, shape: tuple[int, ...], device: torch.device) -> NoiseStream:
+    """The noise stream to draw from: a given :class:`NoiseStream` (continued), else a new one."""
+    if isinstance(generator, NoiseStream):
+        if generator.shape != tuple(shape) or generator.device.type != device.type:
+            raise UserError(f"the noise stream is for shape {generator.shape} on {generator.device}, not "
+                            f"{tuple(shape)} on {device}")
+        return generator
+    _check_generator(generator, device)
+    return NoiseStream(shape, device, generator)
+
+
+def _fill_per_image(streams: list[NoiseStream], out: torch.Tensor, start: int, num: int) -> torch.Tensor:
     """Fill ``out`` with samples ``start .. start+len(out)`` of the image-major sequence, image ``i``'s
     samples (``i*num .. (i+1)*num``) from ``streams[i]``."""
     i, end = start, start + out.shape[0]
@@ -286,6 +302,34 @@ def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, bat
                                amp_dtype)[0]
 
 
+def sample_votes(model: nn.Module, x: torch.Tensor, sigma: float, num: int, batch_size: int, num_classes: int,
+                 generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every vote, in order: ``votes[i] = argmax f(x + delta_i)``, ``int64 (num,)`` on ``x``'s device.
+
+    The same noise stream as :func:`sample_counts` (``torch.bincount(sample_votes(...), minlength=K)`` equals
+    ``sample_counts(...)`` under one seed), so a recorded stream can be replayed through any stopping rule —
+    ``benchmarks/sequential_samples.py`` compares fixed-``N`` and sequential certification on the very same
+    samples this way. Keeps ``num`` votes in memory; certification itself only ever needs the counts.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise UserError(f"x must be one image tensor of shape (C,H,W), got shape {tuple(getattr(x, 'shape', ()))}")
+    sigma, num, batch_size, num_classes = _check_common(sigma, num, batch_size, num_classes, amp_dtype)
+    shape = tuple(x.shape)
+    stream = _as_stream(generator, shape, x.device)
+    x = x.to(torch.float32)
+    bs = max(1, min(batch_size, num))
+    fmt = torch.channels_last if _uses_channels_last(model) else torch.contiguous_format
+    votes = torch.empty(num, dtype=torch.int64, device=x.device)
+    with eval_mode(model), torch.inference_mode(), _autocast(x.device, amp_dtype):
+        noise = torch.empty((bs, *shape), dtype=torch.float32, device=x.device)
+        batch = torch.empty((bs, *shape), dtype=torch.float32, device=x.device, memory_format=fmt)
+        for start in range(0, num, bs):
+            m = min(bs, num - start)
+            torch.add(x, stream.fill(noise[:m]), alpha=sigma, out=batch[:m])
+            votes[start:start + m] = _votes(model, batch[:m], num_classes)
+    return votes
+
+
 def sample_counts_multi(model: nn.Module, xs: torch.Tensor, sigma: float, num: int, batch_size: int,
                         num_classes: int,
                         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -315,17 +359,14 @@ def sample_counts_multi(model: nn.Module, xs: torch.Tensor, sigma: float, num: i
     sigma, num, batch_size, num_classes = _check_common(sigma, num, batch_size, num_classes, amp_dtype)
     device = xs.device
     num_images, shape = xs.shape[0], tuple(xs.shape[1:])
-    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    per_image = generator is not None and not isinstance(generator, torch.Generator | NoiseStream)
     if per_image:
         generator = list(generator)
         if len(generator) != num_images:
             raise UserError(f"got {len(generator)} generators for {num_images} images; give one per image")
-        for g in generator:
-            _check_generator(g, device)
-        streams = [_NoiseStream(shape, device, g) for g in generator]
+        streams = [_as_stream(g, shape, device) for g in generator]
     else:
-        _check_generator(generator, device)
-        stream = _NoiseStream(shape, device, generator)
+        stream = _as_stream(generator, shape, device)
     xs = xs.to(torch.float32).contiguous()
     total = num_images * num
     bs = max(1, min(batch_size, total))
