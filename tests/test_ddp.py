@@ -117,3 +117,37 @@ def test_ddp_two_process_cpu_pretrain(tmp_path):
     i1 = torch.load(dump / "init1.pt", weights_only=True)
     assert any(not torch.equal(i0[k], i1[k]) for k in i0)
     assert any(not torch.equal(i0[k], r0[k]) for k in i0 if k.endswith("weight"))
+
+
+def test_torchrun_certify_shards_and_merges(tmp_path):
+    """``torchrun --nproc_per_node=2 -m smoothtransfer.cli certify``: each rank certifies its slice of the images
+    (RANK/WORLD_SIZE, no --shard needed), rank 0 merges after a barrier; the merged rows equal a one-process run."""
+    from smoothtransfer.models.factory import create_classifier
+    from smoothtransfer.train.checkpoint import save_checkpoint
+
+    data = _tiny_imagefolder(tmp_path / "data", n_classes=2, per_class=3, size=8)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", create_classifier("resnet20", num_classes=2, input_size=8),
+                           classes=["class0", "class1"], dataset="tiny", config={})
+    env = dict(os.environ, SMOOTHTRANSFER_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    common = ["certify", "--checkpoint", str(ckpt), "--dataset", f"imagefolder:{data}", "--split", ".",
+              "--sigma", "0.25", "--N0", "8", "--N", "40", "--batch-size", "16", "--device", "cpu", "--workers", "1",
+              "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "smoothtransfer.cli", *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "smoothtransfer.cli", *common, "--out", str(tmp_path / "one")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tmp_path / "two"
+    assert (two / "sigma_0.25.shard0of2.tsv").exists() and (two / "sigma_0.25.shard1of2.tsv").exists()
+
+    def rows(p):
+        return [r.split("\t")[:5] for r in p.read_text().splitlines()]
+
+    assert rows(two / "sigma_0.25.merged.tsv") == rows(tmp_path / "one" / "sigma_0.25.tsv")
+    summary = json.loads((two / "summary.json").read_text())["sigmas"][0]
+    assert summary["num_done"] == summary["num_images"] == 6 and summary["complete"]

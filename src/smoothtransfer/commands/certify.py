@@ -34,7 +34,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, n_default: int, batch_de
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $SMOOTHTRANSFER_DATA)")
     p.add_argument("--sigma", type=float, nargs="+", required=True, metavar="σ",
                    help="noise level(s) in [0,1] pixel units; each is certified and reported separately")
-    p.add_argument("--n", type=int, default=n_default, help=f"noise samples per image (default: {n_default})")
+    # --N / --N0 are Cohen et al.'s spellings; under torchrun they are needed, since torchrun's own parser
+    # rejects a bare --n as an ambiguous abbreviation of its --nnodes / --nproc-per-node / --node-rank.
+    p.add_argument("--n", "--N", dest="n", type=int, default=n_default,
+                   help=f"noise samples per image (default: {n_default}); --N under torchrun")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="noisy samples per forward pass (default: measured best for the device: 128 on CPU, "
@@ -299,7 +302,7 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, n_default=100_000, batch_default=400)
-    p.add_argument("--n0", type=int, default=100, help="selection samples per image (default: 100)")
+    p.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples per image (default: 100)")
     p.add_argument("--sequential", action="store_true",
                    help="sample-saving sequential certification on a grid of radii (anytime-valid, alpha split "
                         "over stages; stops drawing once every grid radius is decided; --n is the maximum)")
