@@ -194,6 +194,32 @@ def test_cnn_batched_and_channels_last_match():
     assert torch.equal(got, ref)
 
 
+def test_bf16_certificates_agree_with_fp32_within_statistical_noise():
+    """Same seeds, base classifier in fp32 vs under bf16 autocast (a ResNet-20, random weights): the noise
+    is identical (drawn in float32 before the cast), so the vote counts differ only where bf16 rounding moves a
+    sample across a decision boundary. Each count must stay within 3 binomial standard deviations (plus 2
+    votes) of fp32's, i.e. well inside the noise of the estimate itself; predictions and radii then agree
+    up to that noise. Deterministic (seeded); the margin is not a probability statement."""
+    from smoothtransfer.models.factory import create_classifier
+
+    torch.manual_seed(0)
+    # 16 px keeps bf16 (emulated on CPUs without AVX-512 BF16) cheap; at sigma=0.5 p_A is ~0.6, far from 1,
+    # so the counts can really move (measured: fp32 187/196/201 of 300 vs bf16 185/191/196).
+    model = prepare_for_inference(create_classifier("resnet20", num_classes=10, input_size=16))
+    xs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    fp32, bf16 = Smooth(model, 10, 0.5), Smooth(model, 10, 0.5, amp_dtype=torch.bfloat16)
+    n = 300
+    for i, x in enumerate(xs):
+        a = fp32.certify_full(x, 50, n, 0.001, 150, generator=torch.Generator().manual_seed(i))
+        b = bf16.certify_full(x, 50, n, 0.001, 150, generator=torch.Generator().manual_seed(i))
+        if a.prediction == b.prediction != ABSTAIN:
+            p = a.count / n
+            assert abs(a.count - b.count) <= 3 * math.sqrt(n * p * (1 - p)) + 2, (a, b)
+            assert abs(a.radius - b.radius) <= 0.5 * 0.5
+        else:  # only a near-tie may change the selected class or abstention
+            assert a.p_lower < 0.6 and b.p_lower < 0.6, (a, b)
+
+
 def test_throughput_helpers():
     assert default_batch_size("cpu", 32) == 128 and default_batch_size("cpu", 224) == 16
     assert default_batch_size("cuda", 32) == 1000
