@@ -192,3 +192,12 @@ def test_discussion_is_per_scale(data_root, tmp_path):
     gpu = load_experiment(str(path), "gpu", out=tmp_path / "o2", data_root=data_root)
     assert "effect shows at this scale" in render_tables(small, {})
     assert "effect shows" not in render_tables(gpu, {})
+
+
+def test_missing_dataset_fails_before_any_run(tmp_path):
+    """A data root without the grid's zips: one clear error at load time, nothing created."""
+    empty = tmp_path / "data"
+    (empty / "cifar10").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"missing '.*tiny-imagenet-32/train.zip' for tiny-imagenet-32"):
+        load_experiment("demo", "quick", out=tmp_path / "out", data_root=str(empty))
+    assert not (tmp_path / "out").exists()

@@ -238,20 +238,20 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
 
 def _check_data(exp: Experiment) -> None:
     """Fail before any work if a dataset of the grid is missing."""
-    from smoothtransfer.data.datasets import dataset_info
+    from smoothtransfer.data.datasets import check_available
 
     seen = set()
     for run in exp.runs.values():
         if run.train is None:
-            pairs = [(run.denoiser_args.get("dataset", "cifar10"), run.denoiser_args.get("data_root"))]
+            pairs = [(run.denoiser_args.get("dataset", "cifar10"), run.denoiser_args.get("data_root"), "train")]
         else:
-            pairs = [(run.train.data.dataset, run.train.data.data_root)]
-        pairs += [(e["dataset"], e.get("data_root")) for e in run.evaluate.values()]
-        for name, root in pairs:
-            if (name, root) in seen:
+            pairs = [(run.train.data.dataset, run.train.data.data_root, run.train.data.split)]
+        pairs += [(e["dataset"], e.get("data_root"), e.get("split", "test")) for e in run.evaluate.values()]
+        for name, root, split in pairs:
+            if (name, root, split) in seen:
                 continue
-            seen.add((name, root))
-            dataset_info(name, root=root)
+            seen.add((name, root, split))
+            check_available(name, (split,) if split else (), root=root)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -475,7 +475,8 @@ def _read_names(path: Path, classes: Sequence[str]) -> list[str] | None:
     return [table.get(c, c) for c in classes]
 
 
-def _load_builtin(name: str, split: str, root: str | None) -> ImageDataset:
+def _builtin_split_path(name: str, split: str, root: str | None) -> Path:
+    """The zip of a built-in split; UserError naming what is missing (no decoding)."""
     spec = _BUILTINS[name]
     if split not in spec.splits:
         raise UserError(f"dataset '{name}' has no split '{split}'; choose from: {', '.join(spec.splits)}")
@@ -485,6 +486,26 @@ def _load_builtin(name: str, split: str, root: str | None) -> ImageDataset:
         present = sorted(s for s, f in spec.splits.items() if (folder / f).is_file())
         have = f"splits present: {', '.join(present)}" if present else f"'{folder}' holds none of its zips"
         raise UserError(f"missing '{path}' for {name} split '{split}'; {have}")
+    return path
+
+
+def check_available(name: str, splits: tuple[str, ...] = (), root: str | None = None) -> None:
+    """Fail fast, without decoding anything, if dataset ``name`` (and the given splits) cannot be read.
+
+    Built-in names: the data root and each split's zip must exist. ``imagefolder:`` paths are opened by
+    :func:`dataset_info`. torchvision names are downloaded or read by torchvision itself when loaded.
+    """
+    if name in _BUILTINS:
+        for split in splits or tuple(_BUILTINS[name].splits)[:1]:
+            _builtin_split_path(name, split, root)
+        return
+    dataset_info(name, root=root)
+
+
+def _load_builtin(name: str, split: str, root: str | None) -> ImageDataset:
+    spec = _BUILTINS[name]
+    path = _builtin_split_path(name, split, root)
+    folder = path.parent
     src = _Source(path.resolve())
     images, targets, meta = _load_source(src, desc=f"decoding {name}/{split}")
     classes = meta["classes"]
@@ -673,5 +694,5 @@ def dataset_info(name: str, root: str | None = None) -> DatasetInfo:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "cache_dir", "dataset_info", "get_dataset",
-           "resolve_data_root"]
+__all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "cache_dir", "check_available", "dataset_info",
+           "get_dataset", "resolve_data_root"]
