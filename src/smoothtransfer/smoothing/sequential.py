@@ -164,7 +164,7 @@ def _plan(n_max: int, alpha: float, thresholds: tuple[float, ...], n_first: int,
     for _ in range(20):  # the unanimous-vote stages depend on beta, which depends on the number of stages
         beta = alpha_early / len(sizes)
         extra = [_unanimous_size(beta, t) for t in thresholds if 0 < t < 1]
-        new = sorted(set(early) | {n for n in extra if n < n_max})
+        new = sorted(set(early) | {n for n in extra if n_first < n < n_max})  # no stage below n_first
         if new == sizes:
             break
         sizes = new
@@ -177,7 +177,8 @@ def plan_stages(n_max: int, alpha: float, thresholds: Sequence[float] = (), *, n
     """The stage schedule of :func:`certify_sequential`.
 
     Early stages: :func:`stage_sizes` ``(n_max, n_first, growth)`` below ``n_max``, plus for each threshold
-    ``t_j = Phi(r_j / sigma)`` the size at which unanimous votes first certify it; they share
+    ``t_j = Phi(r_j / sigma)`` the size at which unanimous votes first certify it (if above ``n_first``: the
+    first stage is never smaller, since every stage costs a share of alpha); they share
     ``(1 - final_share) * alpha`` evenly. The final stage ``n_max`` gets ``final_share * alpha``. With no
     early stage (``n_max <= n_first``) the single stage gets all of ``alpha``.
 
