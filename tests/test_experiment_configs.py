@@ -194,6 +194,24 @@ def test_discussion_is_per_scale(data_root, tmp_path):
     assert "effect shows" not in render_tables(gpu, {})
 
 
+def test_tables_mark_radii_beyond_the_n_cap(data_root, tmp_path):
+    """A radius above the largest one N can certify gets † and the table a footnote; others do not."""
+    from smoothtransfer.experiments import CAP_NOTE, render_tables
+
+    table = {"id": "t", "columns": ["cert:0.5", "cert:0.75", "certacc:0.75"], "rows": [{"run": "a", "sigma": 0.25}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_tiny_spec(table)))
+    exp = load_experiment(str(path), "cpu-small", out=tmp_path / "o", data_root=data_root)
+    summary = {"sigma": 0.25, "max_certifiable_radius": 0.6158, "acr": 0.1,
+               "certified_accuracy": {"0": 0.27, "0.5": 0.14, "0.75": 0.0}}
+    text = render_tables(exp, {"a": {"certify": {"sigmas": [summary]}}})
+    assert "| (27.0)14.0 | (27.0)0.0† | 0.0† |" in text
+    assert CAP_NOTE in text
+    summary["max_certifiable_radius"] = 0.953
+    text = render_tables(exp, {"a": {"certify": {"sigmas": [summary]}}})
+    assert "†" not in text.replace(CAP_NOTE, "") and CAP_NOTE not in text
+
+
 def test_missing_dataset_fails_before_any_run(tmp_path):
     """A data root without the grid's zips: one clear error at load time, nothing created."""
     empty = tmp_path / "data"

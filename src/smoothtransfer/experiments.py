@@ -466,9 +466,16 @@ def cell(results: dict, row: dict, column: str) -> str:
     acc = _cert_at(s, float(rad))
     if acc is None:
         return "–"
+    # † marks radii that N samples cannot certify at this σ and α (DESIGN rule 4), as `report` does.
+    cap = s.get("max_certifiable_radius")
+    dagger = "†" if cap is not None and float(rad) > float(cap) + 1e-12 else ""
     if kind == "cert":
-        return format_cell(clean, acc)
-    return f"{100 * acc:.1f}"
+        return format_cell(clean, acc) + dagger
+    return f"{100 * acc:.1f}" + dagger
+
+
+CAP_NOTE = ("† = beyond the largest radius N samples can certify at this σ and α (σ·Φ⁻¹(α^(1/N))): "
+            "a limit of N, not of the model.")
 
 
 def render_tables(exp: Experiment, results: dict) -> str:
@@ -481,15 +488,19 @@ def render_tables(exp: Experiment, results: dict) -> str:
         if t.get("caption"):
             lines += [t["caption"], ""]
         lines.append("| " + " | ".join([t.get("row_header", "setting"), "σ", *headers]) + " |")
+        capped = False
         lines.append("|" + "---|" * (len(headers) + 2))
         for row in t.get("rows", []):
             label = row.get("label") or exp.runs[row["run"]].label
             cells = [cell(results, row, c) for c in cols]
             lines.append("| " + " | ".join([label, str(row.get("sigma", "–")), *cells]) + " |")
+            capped = capped or any(c.endswith("†") for c in cells)
         for prow in t.get("paper_rows", []) or []:
             lines.append("| " + " | ".join([f"paper: {prow['label']}", str(prow.get('sigma', '–')),
                                              *map(str, prow['cells'])]) + " |")
         lines.append("")
+        if capped:
+            lines += [CAP_NOTE, ""]
         # the discussion is written after looking at a scale's measured table, so it is kept per scale
         disc = t.get("discussion")
         if isinstance(disc, dict):
