@@ -196,7 +196,8 @@ def test_discussion_is_per_scale(data_root, tmp_path):
 
 def test_tables_mark_radii_beyond_the_n_cap(data_root, tmp_path):
     """A radius above the largest one N can certify gets † and the table a footnote; others do not."""
-    from smoothtransfer.experiments import CAP_NOTE, render_tables
+    from smoothtransfer.experiments import render_tables
+    from smoothtransfer.reporting.tables import CAP_NOTE
 
     table = {"id": "t", "columns": ["cert:0.5", "cert:0.75", "certacc:0.75"], "rows": [{"run": "a", "sigma": 0.25}]}
     path = tmp_path / "tiny.yaml"

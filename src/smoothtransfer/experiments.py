@@ -433,7 +433,7 @@ def _cert_at(s: dict, radius: float) -> float | None:
 def cell(results: dict, row: dict, column: str) -> str:
     """One table cell. Columns: ``cert:R`` → "(clean)cert" at radius R; ``certacc:R``; ``clean``; ``acr``;
     ``sa`` / ``ra`` (attack); ``noise:S`` (noise profile); ``abstain``."""
-    from smoothtransfer.reporting.tables import format_cell
+    from smoothtransfer.reporting.tables import cap_mark, format_cell
 
     r = results.get(row["run"], {})
     if column in ("sa", "ra"):
@@ -466,19 +466,15 @@ def cell(results: dict, row: dict, column: str) -> str:
     acc = _cert_at(s, float(rad))
     if acc is None:
         return "–"
-    # † marks radii that N samples cannot certify at this σ and α (DESIGN rule 4), as `report` does.
-    cap = s.get("max_certifiable_radius")
-    dagger = "†" if cap is not None and float(rad) > float(cap) + 1e-12 else ""
+    mark = cap_mark(float(rad), s.get("max_certifiable_radius"))  # as `report` marks them
     if kind == "cert":
-        return format_cell(clean, acc) + dagger
-    return f"{100 * acc:.1f}" + dagger
-
-
-CAP_NOTE = ("† = beyond the largest radius N samples can certify at this σ and α (σ·Φ⁻¹(α^(1/N))): "
-            "a limit of N, not of the model.")
+        return format_cell(clean, acc) + mark
+    return f"{100 * acc:.1f}" + mark
 
 
 def render_tables(exp: Experiment, results: dict) -> str:
+    from smoothtransfer.reporting.tables import CAP_NOTE
+
     lines: list[str] = []
     for t in exp.tables:
         cols = t.get("columns", ["cert:0.25", "cert:0.5", "cert:0.75", "cert:1.0"])
@@ -488,8 +484,8 @@ def render_tables(exp: Experiment, results: dict) -> str:
         if t.get("caption"):
             lines += [t["caption"], ""]
         lines.append("| " + " | ".join([t.get("row_header", "setting"), "σ", *headers]) + " |")
-        capped = False
         lines.append("|" + "---|" * (len(headers) + 2))
+        capped = False
         for row in t.get("rows", []):
             label = row.get("label") or exp.runs[row["run"]].label
             cells = [cell(results, row, c) for c in cols]

@@ -253,6 +253,14 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], align
     return "\n".join([line(cells[0]), sep, *(line(c) for c in cells[1:])]) + "\n"
 
 
+CAP_NOTE = "† = beyond the largest radius N samples can certify at this σ and α (σ·Φ⁻¹(α^(1/N)))."
+
+
+def cap_mark(radius: float, cap: float | None) -> str:
+    """"†" when ``radius`` is beyond ``cap``, the largest radius N samples can certify (DESIGN rule 4)."""
+    return "†" if cap is not None and float(radius) > float(cap) else ""
+
+
 def certified_rows(runs: Sequence[Run], radii: Sequence[float] = DEFAULT_RADII, digits: int = 1) -> list[dict[str, Any]]:
     """One table row per (run, sigma): ``run``, ``σ``, ``N``, ``n0``, ``α``, ``images`` (done/selected),
     one ``(clean)cert`` cell per radius (keyed by :func:`radius_label`), ``ACR`` and ``abstain``.
@@ -273,8 +281,7 @@ def certified_rows(runs: Sequence[Run], radii: Sequence[float] = DEFAULT_RADII, 
             clean = res.clean_accuracy
             cap = res.max_certifiable_radius
             for r, a in zip(radii, res.certified_accuracy(radii)):
-                # † marks radii that N samples cannot certify at this σ and α (DESIGN rule 4).
-                row[radius_label(r)] = format_cell(clean, float(a), digits) + ("†" if r > cap else "")
+                row[radius_label(r)] = format_cell(clean, float(a), digits) + cap_mark(r, cap)
             row["ACR"] = "–" if not math.isfinite(res.acr) else f"{res.acr:.3f}"
             row["abstain"] = _pct(res.abstain_rate, digits)
             rows.append(row)
@@ -292,5 +299,5 @@ TABLE_NOTE = (
     "the certified accuracy at radius 0 from CERTIFY (abstentions count as wrong). Each σ is certified and "
     "reported separately at level α with N estimation samples (no best-over-σ selection). ACR = average "
     "certified radius (radius × correct, averaged over all images). Radii are in [0,1] pixel units. "
-    "† = beyond the largest radius N samples can certify at this σ and α (σ·Φ⁻¹(α^(1/N)))."
+    + CAP_NOTE
 )
