@@ -1,22 +1,31 @@
 """Empirical L2 robustness: attacks on the base classifier and on the smoothed classifier.
 
 * :func:`pgd_l2` — PGD-L2 (Madry et al., 2018, "Towards Deep Learning Models Resistant to Adversarial
-  Attacks") and :func:`autopgd_l2` — AutoPGD-L2 (Croce & Hein, 2020, "Reliable evaluation of adversarial
-  robustness with an ensemble of diverse parameter-free attacks"), both from ``torchattacks``. The empirical
-  robust accuracy of "A Study of the Effects of Transfer Learning on Adversarial Robustness" is AutoPGD-L2 at
-  eps = 0.5.
+  Attacks"): normalised-gradient ascent steps on the cross-entropy, each followed by the projection onto the
+  eps-ball around ``x`` and onto [0,1].
+* :func:`autopgd_l2` — AutoPGD-L2 (Croce & Hein, 2020, "Reliable evaluation of adversarial robustness with an
+  ensemble of diverse parameter-free attacks", Algorithm 1): step size ``2 * eps`` halved at the checkpoints
+  of :func:`apgd_checkpoints` when progress stalls (then restarting from the best point so far), momentum
+  0.75, random restarts. The empirical robust accuracy of "A Study of the Effects of Transfer Learning on
+  Adversarial Robustness" is AutoPGD-L2 at eps = 0.5.
 * :func:`smoothed_pgd` — PGD-L2 on the soft smoothed classifier (Salman et al., 2019, "Provably Robust Deep
-  Learning via Adversarially Trained Smoothed Classifiers", the SmoothAdv attack; ``torchattacks.PGDRSL2``).
+  Learning via Adversarially Trained Smoothed Classifiers", the SmoothAdv attack).
 * :func:`certificate_check` — an empirical falsification test of certificates: attack every certified image
   inside its certified ball and check that the smoothed classifier still predicts the certified class.
 
-Models take ``(B,C,H,W)`` images in [0,1] (the input normalisation is their first layer), which is
-torchattacks' expected input range, and return logits ``(B,K)``.
+The three attacks are our own code (no attack library): they are short, the library we used before
+(torchattacks) pinned ``requests`` to an old release in every environment we were installed into and
+re-seeded torch's global RNG, and owning them lets every random draw come from a ``torch.Generator`` the
+caller controls. ``tests/test_attacks.py`` checks them against closed-form minimal perturbations.
+
+Models take ``(B,C,H,W)`` images in [0,1] (the input normalisation is their first layer) and return logits
+``(B,K)``. Every returned ``x_adv`` satisfies ``||x_adv - x||_2 <= eps`` per image and lies in [0,1]: the
+projection scales ``x_adv - x`` into the ball, then clamps to [0,1], which (``x`` being in [0,1]) only moves
+coordinates towards ``x`` and so stays in the ball.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -25,9 +34,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.smoothing.sampling import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,24 @@ def _check_batch(x: Any, y: Any) -> None:
         )
 
 
+def _check_generator(generator: torch.Generator | None, x: torch.Tensor) -> None:
+    if generator is not None and generator.device.type != x.device.type:
+        raise UserError(
+            f"the random generator is on {generator.device} but the images are on {x.device}; "
+            f"create it with torch.Generator(device='{x.device.type}')"
+        )
+
+
+def _generator(seed: int | None, generator: torch.Generator | None, x: torch.Tensor) -> torch.Generator | None:
+    """``generator`` if given, else a private one seeded with ``seed``, else None (torch's default RNG)."""
+    if generator is not None:
+        _check_generator(generator, x)
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator(device=x.device).manual_seed(int(seed))
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -92,41 +121,93 @@ def check_classifier(model: nn.Module, num_classes: int | None = None) -> int | 
     return int(k) if k is not None else num_classes
 
 
-@contextlib.contextmanager
-def _eval_and_seed(model: nn.Module, seed: int | None, device: torch.device):
-    """Eval mode (each module's flag restored afterwards) and, with a seed, a private RNG state.
+# ------------------------------------------------------------------------------------------------------
+# L2 geometry and losses (per image; images may be NCHW or channels_last)
 
-    torchattacks draws random starts from torch's global RNG, and APGD even calls ``torch.manual_seed``
-    itself; forking the RNG keeps attacks reproducible without changing the caller's random stream.
+
+def _norms(v: torch.Tensor) -> torch.Tensor:
+    """Per-image L2 norms ``(B,)`` of ``v (B, ...)``."""
+    return v.flatten(1).norm(dim=1)
+
+
+def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B,1,1,1)`` to broadcast against ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """``v`` scaled to unit L2 norm per image (a zero image stays zero)."""
+    return v / _per_image(_norms(v) + 1e-12, v)
+
+
+def project(x: torch.Tensor, x_new: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x_new`` moved into ``{z : ||z - x||_2 <= eps} ∩ [0,1]^d``, per image.
+
+    The offset ``x_new - x`` is scaled down to norm ``eps`` when longer, then the point is clamped to
+    [0,1]; with ``x`` in [0,1] the clamp moves each coordinate towards ``x``, so the result stays in the ball.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    devices = [device] if device.type == "cuda" else []
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    delta = x_new - x
+    scale = torch.clamp(eps / (_norms(delta) + 1e-12), max=1.0)
+    return (x + delta * _per_image(scale, x)).clamp_(0.0, 1.0)
 
 
-def _seed_from(generator: torch.Generator | None) -> int | None:
-    """A seed drawn from ``generator`` (None for None), for library code that only uses the global RNG."""
-    if generator is None:
-        return None
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, reduction="none")
 
 
-def _setup(attack, x: torch.Tensor):
-    # torchattacks guesses the device from the model's first parameter; the input's device is authoritative.
-    attack.set_device(x.device)
-    return attack
+def _dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Croce & Hein's difference-of-logits-ratio loss (untargeted), per image."""
+    z = logits.float()
+    if z.shape[1] < 3:
+        raise UserError(f"the DLR loss needs at least 3 classes, the model has {z.shape[1]}; use loss='ce'")
+    z_sorted, order = z.sort(dim=1)
+    z_y = z.gather(1, y[:, None])[:, 0]
+    best_other = torch.where(order[:, -1] == y, z_sorted[:, -2], z_sorted[:, -1])
+    return -(z_y - best_other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def _loss_and_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, ...]:
+    """``(logits, per-image loss, d loss / d x_adv)``, all detached; the model's parameter grads are untouched."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_adv)
+        loss = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+    return logits.detach(), loss.detach(), grad.detach()
 
 
 # ------------------------------------------------------------------------------------------------------
 # attacks on the base classifier
+
+
+def pgd_l2_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The PGD-L2 iteration itself, for callers that manage the model's mode (adversarial training).
+
+    No validation and no mode change: the model is called as it is (put it in eval mode for an attack).
+    Start: ``x``, or with ``random_start`` a random direction at a radius uniform in ``[0, eps]`` (as in
+    Madry et al.'s and torchattacks' PGD-L2), drawn from ``generator`` (None: torch's default RNG). Each step:
+    ``x' <- project(x' + step_size * g / ||g||)`` with ``g`` the gradient of the cross-entropy at ``x'``.
+    Returns the last iterate, detached, in ``x``'s dtype and memory format.
+    """
+    x = x.detach()
+    x_adv = x.clone()
+    if random_start:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) * eps
+        x_adv = project(x, x + _unit(direction) * _per_image(radius, x), eps)
+    for _ in range(steps):
+        _, _, grad = _loss_and_grad(model, x_adv, y, _ce)
+        x_adv = project(x, x_adv + step_size * _unit(grad), eps)
+    return x_adv.detach()
 
 
 def pgd_l2(
@@ -138,24 +219,102 @@ def pgd_l2(
     step_size: float | None = None,
     random_start: bool = True,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """PGD-L2 (Madry et al., 2018) via ``torchattacks.PGDL2``: the last iterate, ``(B,C,H,W)`` in [0,1].
+    """PGD-L2 (Madry et al., 2018): the last iterate, ``(B,C,H,W)`` in [0,1]; see :func:`pgd_l2_steps`.
 
     ``x``: ``(B,C,H,W)`` in [0,1]; ``y``: ``(B,)`` true labels (cross-entropy is maximised). ``step_size``
     defaults to ``2.5 * eps / steps`` (Madry et al.'s rule, so that the ball's boundary is reachable from any
-    start). Every ``x_adv - x`` has L2 norm ``<= eps`` (per image) and ``x_adv`` stays in [0,1].
+    start). The random start comes from ``generator``, else from a private generator seeded with ``seed``,
+    else from torch's default RNG. The model runs in eval mode (each module's flag restored afterwards).
     """
-    import torchattacks
-
     eps = _check_eps(eps)
     steps = _check_pos_int(steps, "steps")
     _check_batch(x, y)
     step_size = 2.5 * eps / steps if step_size is None else _check_eps(step_size)
-    with _eval_and_seed(model, seed, x.device):
-        atk = _setup(
-            torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=random_start), x
-        )
-        return atk(x, y).detach()
+    gen = _generator(seed, generator, x)
+    with eval_mode(model):
+        return pgd_l2_steps(model, x, y, eps, steps, step_size, random_start, gen)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_j`` after which AutoPGD may halve its step size (Croce & Hein, 2020, Sec. 3.1).
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, ``w_j = p_j * steps``,
+    with the period, its decrement and its floor rounded down to whole iterations (at least one each) as in
+    the authors' code; e.g. ``[22, 41, 57, 70, 80, 87, 93, 99]`` for 100 steps.
+    """
+    period = max(int(0.22 * steps), 1)
+    decrement = max(int(0.03 * steps), 1)
+    floor = max(int(0.06 * steps), 1)
+    out, w = [], 0
+    while w + period <= steps:
+        w += period
+        out.append(w)
+        period = max(period - decrement, floor)
+    return out
+
+
+def _apgd_run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    loss_fn,
+    generator: torch.Generator | None,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AutoPGD-L2 run from a random point on the eps-sphere: ``(fooled (B,) bool, x_adv)``.
+
+    ``x_adv`` is the last iterate the model misclassified where ``fooled``, else the highest-loss point.
+    """
+    b = x.shape[0]
+    start = x + eps * _unit(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+    x_adv = start.clamp(0.0, 1.0)
+    logits, loss, grad = _loss_and_grad(model, x_adv, y, loss_fn)
+    fooled = logits.argmax(1) != y
+    x_fooled = x_adv.clone()
+    x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
+    step = torch.full((b,), 2.0 * eps, device=x.device, dtype=x.dtype)
+    checks = set(apgd_checkpoints(steps))
+    last_check = 0
+    increases = torch.zeros(b, device=x.device)
+    loss_prev = loss
+    loss_best_at_check = loss_best.clone()
+    halved_at_check = torch.ones(b, dtype=torch.bool, device=x.device)  # "true" before the first check
+    x_prev = x_adv
+    for i in range(steps):
+        with torch.no_grad():
+            a = 1.0 if i == 0 else momentum
+            z = project(x, x_adv + _per_image(step, x) * _unit(grad), eps)
+            x_new = project(x, x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - x_prev), eps)
+            x_prev, x_adv = x_adv, x_new
+        logits, loss, grad = _loss_and_grad(model, x_adv, y, loss_fn)
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y
+            x_fooled = torch.where(_per_image(wrong, x), x_adv, x_fooled)
+            fooled |= wrong
+            increases += (loss > loss_prev).float()
+            loss_prev = loss
+            better = loss > loss_best
+            x_best = torch.where(_per_image(better, x), x_adv, x_best)
+            grad_best = torch.where(_per_image(better, x), grad, grad_best)
+            loss_best = torch.where(better, loss, loss_best)
+            if i + 1 in checks:
+                # Condition 1: the loss rose in at most rho of the steps since the last checkpoint.
+                # Condition 2: the step was not halved at the last checkpoint and the best loss has not moved.
+                stalled = increases <= rho * (i + 1 - last_check)
+                stuck = ~halved_at_check & (loss_best_at_check >= loss_best)
+                halve = stalled | stuck
+                step = torch.where(halve, step / 2, step)
+                x_adv = torch.where(_per_image(halve, x), x_best, x_adv)  # restart from the best point
+                grad = torch.where(_per_image(halve, x), grad_best, grad)
+                halved_at_check, loss_best_at_check = halve, loss_best.clone()
+                increases.zero_()
+                last_check = i + 1
+    return fooled, torch.where(_per_image(fooled, x), x_fooled, x_best)
 
 
 def autopgd_l2(
@@ -167,29 +326,44 @@ def autopgd_l2(
     n_restarts: int = 1,
     loss: str = "ce",
     seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """AutoPGD-L2 (Croce & Hein, 2020) via ``torchattacks.APGD(norm='L2')``, ``(B,C,H,W)`` in [0,1].
+    """AutoPGD-L2 (Croce & Hein, 2020, Algorithm 1), ``(B,C,H,W)`` in [0,1].
 
-    Only images the model classifies correctly are attacked; for each the first successful restart's point is
-    returned, otherwise ``x`` itself. ``loss``: ``'ce'`` or ``'dlr'``. ``seed`` fixes the random starts (the
-    caller's global RNG state is left untouched).
+    Each run starts on the eps-sphere around ``x`` (random direction, clamped to [0,1]) with step size
+    ``2 * eps`` and steps ``z = P(x_k + eta * g / ||g||)``, ``x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k -
+    x_{k-1}))`` (the first step without momentum), ``P`` the projection onto the ball and [0,1]. At the
+    checkpoints of :func:`apgd_checkpoints` the step size of an image is halved, and its iterate reset to
+    its best point so far, when its loss rose in at most 75% of the steps since the last checkpoint, or when
+    its step was not halved last time and its best loss has not improved since.
+
+    Only images the model classifies correctly are attacked, and each restart attacks only those not yet
+    fooled; an image's result is the point of the first run that fooled the model, otherwise ``x`` itself.
+    ``loss``: ``'ce'`` (cross-entropy) or ``'dlr'`` (needs >= 3 classes). Random starts come from
+    ``generator``, else from a private generator seeded with ``seed`` (torch's global RNG is never touched).
+    The model runs in eval mode (each module's flag restored afterwards).
     """
-    import torchattacks
-
     eps = _check_eps(eps)
     steps = _check_pos_int(steps, "steps")
     n_restarts = _check_pos_int(n_restarts, "n_restarts")
     if loss not in ("ce", "dlr"):
         raise UserError(f"autopgd loss must be 'ce' or 'dlr', got {loss!r}")
     _check_batch(x, y)
-    with _eval_and_seed(model, None, x.device):
-        atk = _setup(
-            torchattacks.APGD(
-                model, norm="L2", eps=eps, steps=steps, n_restarts=n_restarts, seed=int(seed), loss=loss
-            ),
-            x,
-        )
-        return atk(x, y).detach()
+    loss_fn = _ce if loss == "ce" else _dlr
+    gen = _generator(seed, generator, x)
+    x = x.detach()
+    adv = x.clone()
+    with eval_mode(model):
+        with torch.no_grad():
+            todo = model(x).argmax(1) == y
+        for _ in range(n_restarts):
+            idx = todo.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            fooled, x_run = _apgd_run(model, x[idx], y[idx], eps, steps, loss_fn, gen)
+            adv[idx[fooled]] = x_run[fooled]
+            todo[idx[fooled]] = False
+    return adv
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -210,15 +384,14 @@ def smoothed_pgd(
 ) -> torch.Tensor:
     """SmoothAdv PGD-L2 (Salman et al., 2019, eq. 5) on the soft smoothed classifier; ``(B,C,H,W)`` in [0,1].
 
-    Maximises ``-log( (1/m) sum_i softmax(f(clip(x') + delta_i))_y )`` over ``||x' - x||_2 <= eps`` with
-    normalised-gradient steps, starting at ``x``, via ``torchattacks.PGDRSL2``. The ``m`` noise samples
-    ``delta_i ~ N(0, sigma^2 I)`` are drawn **afresh at every step** (an expectation-over-transformation
-    estimate, as in torchattacks and Salman et al.'s evaluation code), so over ``steps`` steps the attack sees
-    ``steps * m`` noise draws. ``step_size`` defaults to ``2 * eps / steps`` (Salman et al.'s setting).
-    ``generator`` seeds the noise (the global RNG is not disturbed). ``batch_max`` caps ``B * m`` per forward.
+    Maximises ``-log( (1/m) sum_i softmax(f(x' + delta_i))_y )`` over ``||x' - x||_2 <= eps``, ``x'`` in
+    [0,1], with normalised-gradient steps starting at ``x``; returns the last iterate. The ``m`` noise samples
+    ``delta_i ~ N(0, sigma^2 I)`` (float32, added to ``x'`` unclamped, as in certification) are drawn **afresh
+    at every step** (an expectation-over-transformation estimate, as in Salman et al.'s evaluation code), so
+    over ``steps`` steps the attack sees ``steps * m`` noise draws. ``step_size`` defaults to
+    ``2 * eps / steps`` (Salman et al.'s setting). ``generator`` draws the noise (None: torch's default RNG).
+    ``batch_max`` caps the noisy images per forward pass (at least ``m``: one image's copies at a time).
     """
-    import torchattacks
-
     eps = _check_eps(eps)
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma > 0):
@@ -226,22 +399,27 @@ def smoothed_pgd(
     steps = _check_pos_int(steps, "steps")
     m = _check_pos_int(m, "m (noise samples per step)")
     _check_batch(x, y)
+    _check_generator(generator, x)
     step_size = 2.0 * eps / steps if step_size is None else _check_eps(step_size)
-    with _eval_and_seed(model, _seed_from(generator), x.device):
-        atk = _setup(
-            torchattacks.PGDRSL2(
-                model,
-                eps=eps,
-                alpha=step_size,
-                steps=steps,
-                noise_type="guassian",
-                noise_sd=sigma,
-                noise_batch_size=m,
-                batch_max=max(int(batch_max), m),
-            ),
-            x,
-        )
-        return atk(x, y).detach()
+    per_pass = max(1, int(batch_max) // m)  # images whose m noisy copies share one forward pass
+    x = x.detach()
+    x_adv = x.clone()
+    with eval_mode(model):
+        for _ in range(steps):
+            grad = torch.empty_like(x)
+            for s in range(0, x.shape[0], per_pass):
+                xa = x_adv[s : s + per_pass].detach().requires_grad_(True)
+                b = xa.shape[0]
+                noise = torch.randn((b, m, *xa.shape[1:]), generator=generator, device=x.device,
+                                    dtype=torch.float32)
+                with torch.enable_grad():
+                    noisy = (xa.float()[:, None] + sigma * noise).flatten(0, 1)
+                    probs = F.softmax(model(noisy).float(), dim=1).view(b, m, -1).mean(dim=1)
+                    loss = F.nll_loss(probs.clamp_min(1e-20).log(), y[s : s + per_pass], reduction="sum")
+                    (grad[s : s + per_pass],) = torch.autograd.grad(loss, xa)
+            with torch.no_grad():
+                x_adv = project(x, x_adv + step_size * _unit(grad), eps)
+    return x_adv
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -365,10 +543,10 @@ def robust_accuracy(
                 clean_ok += pc == int(y[i])
                 robust_ok += pc == int(y[i]) and pa == int(y[i])
         else:
-            with torch.no_grad(), _eval_and_seed(model, None, device):
+            with torch.no_grad(), eval_mode(model):
                 c = model(x).argmax(1) == y
             x_adv = run_attack(model, x, y)
-            with torch.no_grad(), _eval_and_seed(model, None, device):
+            with torch.no_grad(), eval_mode(model):
                 a = model(x_adv).argmax(1) == y
             clean_ok += int(c.sum())
             robust_ok += int((c & a).sum())
