@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +28,7 @@ from smoothtransfer.config import TrainConfig, from_dict, load_yaml, to_dict
 from smoothtransfer.errors import UserError
 from smoothtransfer.utils import atomic_write_json, atomic_write_text, environment_info, git_revision
 
-SCALES = ("cpu-small", "gpu", "paper")
+SCALES = ("cpu-small", "cpu", "gpu", "paper")
 EVAL_KINDS = ("certify", "attack", "noise_profile")
 TOP_KEYS = {"name", "title", "paper", "description", "defaults", "scales", "runs", "tables", "notes", "scale_notes"}
 DENOISER_KEYS = {"kind", "dataset", "data_root", "size", "sigmas", "epochs", "batch_size", "lr", "weight_decay",
@@ -134,12 +135,15 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     if scale not in scales:
         raise UserError(f"experiment {spec.get('name', name)} has no scale '{scale}'; choose from: "
                         f"{', '.join(scales)}")
-    sections = _merge(spec.get("defaults") or {}, scales[scale] or {})
+    scale_spec = dict(scales[scale] or {})
+    # a scale may run a subset of the grid (e.g. the headline rows at `cpu`): ``runs: [id, ...]``
+    scale_runs = scale_spec.pop("runs", None)
+    sections = _merge(spec.get("defaults") or {}, scale_spec)
     for sec in sections:
         if sec not in ("pretrain", "finetune", "denoiser", *EVAL_KINDS):
             raise UserError(f"unknown section '{sec}' in {path.name} defaults/scales.{scale}")
     exp_name = spec.get("name", path.stem)
-    out = Path(out) if out else Path("runs") / "experiments" / exp_name / scale
+    out = Path(out) if out else runs_root() / "experiments" / exp_name / scale
     runs_spec = spec.get("runs") or {}
     if not runs_spec:
         raise UserError(f"experiment {exp_name} defines no runs")
@@ -211,6 +215,8 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             if data_root:
                 e["data_root"] = data_root
             evals[kind] = e
+        if "certify" in evals and "noise_profile" not in evals:
+            evals["noise_profile"] = base_accuracy_eval(evals["certify"])
         runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label, needs=needs)
     tables = spec.get("tables") or []
     for t in tables:
@@ -219,21 +225,48 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         for row in t.get("rows", []):
             if row.get("run") not in runs:
                 raise UserError(f"table '{t.get('id')}' in {path.name} names unknown run {row.get('run')!r}")
+    if scale_runs is not None:
+        runs = _closure(runs, scale_runs, f"scales.{scale}.runs in {path.name}")
+        tables = [dict(t, rows=[r for r in t.get("rows", []) if r["run"] in runs]) for t in tables]
+        tables = [t for t in tables if t["rows"]]
     if only:
-        keep = set()
-        for rid in only:
-            if rid not in runs:
-                raise UserError(f"--only names unknown run '{rid}'; runs: {', '.join(runs)}")
-            todo = [rid]
-            while todo:
-                r = todo.pop()
-                keep.add(r)
-                todo += runs[r].needs
-        runs = {k: v for k, v in runs.items() if k in keep}
+        runs = _closure(runs, only, "--only")
         tables = [t for t in tables if all(row["run"] in runs for row in t.get("rows", []))]
     exp = Experiment(name=exp_name, scale=scale, out=out, spec=spec, runs=runs, tables=tables)
     _check_data(exp)
     return exp
+
+
+def base_accuracy_eval(cert: dict) -> dict:
+    """The noise-profile evaluation that gives a certified run its base-classifier accuracy ("Clean Acc." of
+    Qiu et al.: the base model on clean images, σ = 0) and its accuracy under noise at each certified σ, on
+    exactly the test images that ``cert`` certifies (same dataset, split, skip, max)."""
+    e = {k: cert[k] for k in ("dataset", "split", "skip", "max", "data_root") if cert.get(k) is not None}
+    # with a denoiser, the classifier alone under noise is not the smoothed model's base: clean only
+    e["sigmas"] = [0.0] if cert.get("denoiser") else [0.0, *sorted({float(s) for s in cert.get("sigmas", [])})]
+    e["seed"] = int(cert.get("seed", 0))
+    return e
+
+
+def runs_root() -> Path:
+    """Where experiment run directories live: ``$SMOOTHTRANSFER_RUNS``, else ``./runs``. Long grids should live
+    outside a work tree that may be laid anew (e.g. ``SMOOTHTRANSFER_RUNS=~/smoothtransfer-runs``)."""
+    env = os.environ.get("SMOOTHTRANSFER_RUNS")
+    return Path(env).expanduser() if env else Path("runs")
+
+
+def _closure(runs: dict[str, Run], ids: list[str], where: str) -> dict[str, Run]:
+    """``runs`` restricted to ``ids`` and every run they start from, in the grid's order."""
+    keep: set[str] = set()
+    for rid in ids:
+        if rid not in runs:
+            raise UserError(f"{where} names unknown run '{rid}'")
+        todo = [rid]
+        while todo:
+            r = todo.pop()
+            keep.add(r)
+            todo += runs[r].needs
+    return {k: v for k, v in runs.items() if k in keep}
 
 
 def _check_data(exp: Experiment) -> None:

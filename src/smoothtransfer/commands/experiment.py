@@ -10,8 +10,9 @@ HELP = "run a paper experiment grid from configs/experiments/NAME.yaml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="experiment name (see --list) or a YAML file")
-    p.add_argument("--scale", default="cpu-small", help="cpu-small | gpu | paper (sizes are in the config)")
-    p.add_argument("--out", help="experiment directory (default runs/experiments/NAME/SCALE)")
+    p.add_argument("--scale", default="cpu-small", help="cpu-small | cpu | gpu | paper (sizes are in the config)")
+    p.add_argument("--out", help="experiment directory (default $SMOOTHTRANSFER_RUNS/experiments/NAME/SCALE, "
+                   "else runs/experiments/NAME/SCALE)")
     p.add_argument("--data-root", help="folder holding the dataset zips")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smoothtransfer.config import TrainConfig, dump_yaml, to_dict
+from smoothtransfer.config import TrainConfig, dump_yaml, from_dict, to_dict
 from smoothtransfer.errors import UserError
 from smoothtransfer.train import distributed as D
 from smoothtransfer.train.optim import build_optimizer, build_scheduler, param_groups
 from smoothtransfer.utils import (
     atomic_write_json,
     atomic_write_text,
+    auto_amp,
     environment_info,
     git_revision,
     resolve_device,
@@ -182,7 +183,7 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     amp = cfg.amp
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+        amp = auto_amp(device)
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -245,6 +246,15 @@ def _config_for_compare(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(d))
 
 
+def _saved_for_compare(saved: dict) -> dict:
+    """A checkpoint's recorded settings with keys added to TrainConfig since then filled with their defaults,
+    so that a new config field (at its default) does not make every earlier run count as "other settings"."""
+    try:
+        return _config_for_compare(from_dict(TrainConfig, saved))
+    except UserError:  # a key this version no longer knows: genuinely other settings
+        return json.loads(json.dumps(saved))
+
+
 def check_out_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> dict | None:
     """Decide what to do with an existing run directory. Returns the checkpoint to resume from (or None).
 
@@ -258,7 +268,7 @@ def check_out_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> di
         return None
     ckpt = load_checkpoint(path)
     saved = ckpt.get("config") or {}
-    if json.loads(json.dumps(saved.get("train", {}))) != _config_for_compare(cfg):
+    if _saved_for_compare(saved.get("train", {})) != _config_for_compare(cfg):
         raise UserError(f"{cfg.out} holds a run with other settings; use another --out (or --overwrite)")
     state = ckpt.get("train_state") or {}
     if state.get("finished"):
@@ -359,6 +369,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         atomic_write_json(out / "run_info.json", {
             "git_rev": git_revision(), "env": environment_info(), "seed": cfg.seed,
             "world_size": dist.world_size, "n_train": n_train, "n_val": len(prep.val_targets),
+            "amp": {"asked": cfg.amp, "used": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]},
             "classes": prep.classes, "dataset": prep.dataset,
         })
         if cfg.tensorboard:
