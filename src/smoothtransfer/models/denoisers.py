@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smoothtransfer._optional import require
 from smoothtransfer.errors import UserError
 
 METADATA = "denoiser.json"
@@ -86,7 +87,8 @@ def create_diffusion_unet(image_size: int = 32, channels: int = 3, size: str = "
     Ho et al. (2020)'s 35.7M-parameter CIFAR-10 UNet (the config of ``google/ddpm-cifar10-32``: channels
     128-256-256-256, 2 res-blocks per level, attention at 16x16, dropout 0.1 as trained by Ho et al.).
     """
-    from diffusers import UNet2DModel
+    # diffusers comes with the [diffusion] extra: imported where it is used, so certification needs it not.
+    UNet2DModel = require("diffusers", "a diffusion denoiser").UNet2DModel
 
     common = dict(sample_size=image_size, in_channels=channels, out_channels=channels, act_fn="silu",
                   time_embedding_type="positional")
@@ -115,7 +117,7 @@ def create_diffusion_unet(image_size: int = 32, channels: int = 3, size: str = "
 
 def create_ddpm_scheduler(num_train_timesteps: int = 1000):
     """Ho et al.'s linear β schedule (1e-4 … 0.02 over 1000 steps), the one ``google/ddpm-cifar10-32`` uses."""
-    from diffusers import DDPMScheduler
+    DDPMScheduler = require("diffusers", "a diffusion denoiser").DDPMScheduler  # [diffusion] extra
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=1e-4,
                          beta_end=0.02, clip_sample=True, prediction_type="epsilon")
@@ -227,7 +229,8 @@ class DiffusionDenoiser(nn.Module):
         at its root, or — online — a Hugging Face Hub id such as ``google/ddpm-cifar10-32`` (root layout).
         ``kwargs`` go to both ``from_pretrained`` calls (``local_files_only``, ``revision``, ...).
         """
-        from diffusers import DDPMScheduler, UNet2DModel
+        diffusers = require("diffusers", "a diffusion denoiser")  # [diffusion] extra, imported on use
+        DDPMScheduler, UNet2DModel = diffusers.DDPMScheduler, diffusers.UNet2DModel
 
         src = str(path_or_hub_id)
         local = Path(src)

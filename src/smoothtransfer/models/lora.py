@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smoothtransfer._optional import require
 from smoothtransfer.errors import UserError
 from smoothtransfer.models.factory import MODELS, Classifier
 
@@ -85,7 +86,9 @@ def apply_lora(model: Classifier, rank: int = 4, alpha: float = 4, targets: list
     Afterwards only the adapters and the head require grad; the outputs are unchanged until training.
     Returns ``model``.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    # peft comes with the [lora] extra: imported here, so that the core install never needs it.
+    peft = require("peft", "LoRA fine-tuning")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     if not isinstance(model, Classifier):
         raise UserError(f"apply_lora needs a smoothtransfer Classifier, got {type(model).__name__}")
@@ -118,7 +121,7 @@ def merge_lora(model: Classifier) -> Classifier:
     outputs match the adapted model's up to float rounding, and all its parameters require grad again.
     A model without adapters is returned unchanged.
     """
-    from peft.tuners.lora import LoraLayer
+    LoraLayer = require("peft.tuners.lora", "merging LoRA adapters").LoraLayer  # [lora] extra, see apply_lora
 
     if not model.spec.get("lora"):
         return model

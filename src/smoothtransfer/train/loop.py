@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from smoothtransfer._optional import MissingExtra, require
 from smoothtransfer.config import TrainConfig, dump_yaml, from_dict, to_dict
 from smoothtransfer.errors import UserError
 from smoothtransfer.train import distributed as D
@@ -373,11 +374,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             "classes": prep.classes, "dataset": prep.dataset,
         })
         if cfg.tensorboard:
+            # tensorboard comes with the [tensorboard] extra: without it the run trains and logs to
+            # train_summary.json as usual, and says once how to get the TensorBoard logs.
             try:
+                require("tensorboard", "TensorBoard logging")
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(str(out / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
+            except MissingExtra as e:
+                print(f"note: {e} (or set tensorboard=false)", flush=True)
                 writer = None
 
     def weights_for_eval() -> nn.Module:
