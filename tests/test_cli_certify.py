@@ -130,6 +130,7 @@ def test_denoiser_flag(setup, tmp_path):
 BAD = [
     (["--sigma", "0"], "--sigma must be > 0"),
     (["--sigma", "-0.5"], "--sigma must be > 0"),
+    (["--sigma", "1e-300"], "--sigma 1e-300 is too small"),
     (["--n0", "64"], "--n0 (64) must not exceed --n (32)"),
     (["--n0", "0"], "--n0 must be >= 1"),
     (["--alpha", "0"], "--alpha must lie strictly between 0 and 1"),

@@ -177,6 +177,8 @@ def test_foreign_files_are_not_touched(tmp_path):
 @pytest.mark.parametrize("kw, msg", [
     (dict(sigmas=(0.0,)), "--sigma must be > 0"),
     (dict(sigmas=(0.25, 0.25)), "twice"),
+    (dict(sigmas=(1e-300,)), "too small"),  # zero noise in float32: the certificate would certify nothing
+    (dict(sigmas=(1e-9,)), "too small"),
     (dict(n0=100), "must not exceed"),
     (dict(n0=0), "--n0 must be >= 1"),
     (dict(alpha=1.0), "--alpha"),

@@ -75,6 +75,10 @@ def validate_numbers(args: argparse.Namespace, n0: int | None) -> None:
     for s in args.sigma:
         if not (math.isfinite(s) and s > 0):
             raise UserError(f"--sigma must be > 0, got {s:g}")
+        from smoothtransfer.smoothing.smooth import sigma_too_small
+
+        if sigma_too_small(s):
+            raise UserError(sigma_too_small(s))
     if len(set(args.sigma)) != len(args.sigma):
         raise UserError(f"--sigma lists a noise level twice: {' '.join(f'{s:g}' for s in args.sigma)}")
     if args.n < 1:

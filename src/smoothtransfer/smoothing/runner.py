@@ -51,7 +51,7 @@ from torch import nn
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.evaluation.metrics import abstain_rate, accuracy, radius_grid, summarize_certificates
-from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
+from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth, sigma_too_small
 from smoothtransfer.smoothing.stats import max_certifiable_radius
 from smoothtransfer.utils import (
     atomic_write_json,
@@ -204,6 +204,8 @@ def _validate(sigmas: Sequence[float], n0: int | None, n: int, alpha: float, bat
     for s in sigmas:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
             raise UserError(f"--sigma must be > 0, got {s}")
+        if sigma_too_small(float(s)):
+            raise UserError(sigma_too_small(float(s)))
     if len(set(map(float, sigmas))) != len(sigmas):
         raise UserError(f"--sigma lists a noise level twice: {list(sigmas)}")
     if n < 1:

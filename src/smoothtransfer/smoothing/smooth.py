@@ -34,6 +34,18 @@ __all__ = ["ABSTAIN", "Certificate", "Smooth"]
 
 #: Returned as the prediction when the smoothed classifier abstains.
 ABSTAIN = -1
+#: The smallest noise level accepted: float32's machine epsilon. Noise is drawn in float32 and added to pixels
+#: in [0,1]; below this, sigma * z is mostly lost to rounding (1e-300 even rounds to 0.0 in float32), so the
+#: "smoothed" classifier is the base classifier and a certificate would describe noise that was never added.
+MIN_SIGMA = float(torch.finfo(torch.float32).eps)
+
+
+def sigma_too_small(sigma: float, flag: str = "--sigma") -> str | None:
+    """The one-line complaint about a positive ``sigma`` below :data:`MIN_SIGMA` (None when it is fine)."""
+    if 0 < sigma < MIN_SIGMA:
+        return (f"{flag} {sigma:g} is too small: noise below {MIN_SIGMA:.3g} (float32 epsilon) is lost to rounding "
+                "at [0,1] pixel scale, so nothing would be smoothed")
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,8 @@ class Smooth:
             raise UserError(f"sigma must be a positive number, got {sigma!r}") from None
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise UserError(f"sigma must be a positive number, got {sigma}")
+        if sigma_too_small(self.sigma, "sigma"):
+            raise UserError(sigma_too_small(self.sigma, "sigma"))
         if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise UserError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
         self.base_classifier = base_classifier
