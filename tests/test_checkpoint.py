@@ -205,6 +205,28 @@ def test_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "pickled.pt")
 
 
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_with_that_reason(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"format": FORMAT, "version": 1, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as e:
+        load_classifier(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert "refused: it would run code on load (only weights are loaded)" in msg, msg
+    assert "corrupt" not in msg and "\n" not in msg and not marker.exists()
+
+
 def test_unusable_contents(tmp_path):
     model = _trained_model()
     path = _save(tmp_path / "m.pt", model)

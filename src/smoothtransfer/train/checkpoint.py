@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import os
 import random
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path, PurePath
@@ -175,9 +176,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # any failure to read a user-supplied file is a problem with the file
-        if "Unsupported global" in str(e):  # a well-formed pickle of Python objects (not a damaged file)
-            raise UserError(f"{p} contains pickled Python objects, not only tensors and plain data; "
-                            "refusing to load it (weights_only=True)") from None
+        # A well-formed pickle of Python objects, not a damaged file. torch words it "Unsupported global:
+        # GLOBAL x.y" or "Trying to load unsupported GLOBAL posix.system" depending on version and object.
+        found = re.search(r"unsupported global[:\s]*(?:global\s+)?([\w.]+)?", str(e), re.IGNORECASE)
+        if found:
+            what = f" ({found.group(1)})" if found.group(1) else ""
+            raise UserError(f"{p} refused: it would run code on load (only weights are loaded): it holds pickled "
+                            f"Python objects{what}, not only tensors and plain data") from None
         raise UserError(f"{p} is not a readable torch checkpoint (truncated or corrupt?): {_first_line(e)}") \
             from None
     if not isinstance(ckpt, dict):
