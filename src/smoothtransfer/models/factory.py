@@ -267,9 +267,14 @@ def build_from_spec(spec: dict[str, Any]) -> Classifier:
         raise UserError(f"model spec is missing {', '.join(missing)}")
     if not isinstance(spec["kwargs"], dict):
         raise UserError("model spec 'kwargs' must be a dict")
-    model = create_classifier(spec["arch"], spec["num_classes"], norm=spec["norm"], mean=spec["mean"],
-                              std=spec["std"], input_size=spec["input_size"], in_chans=spec["in_chans"],
-                              pretrained=False, **spec["kwargs"])
+    if spec["arch"] == "timm":  # an off-the-shelf timm classifier (smoothtransfer.models.external)
+        from smoothtransfer.models.external import build_timm_from_spec
+
+        model = build_timm_from_spec(spec)
+    else:
+        model = create_classifier(spec["arch"], spec["num_classes"], norm=spec["norm"], mean=spec["mean"],
+                                  std=spec["std"], input_size=spec["input_size"], in_chans=spec["in_chans"],
+                                  pretrained=False, **spec["kwargs"])
     model.spec["pretrained"] = bool(spec.get("pretrained", False))
     lora = spec.get("lora")
     if lora:

@@ -206,9 +206,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """``(Classifier in eval mode on device, checkpoint dict)`` from a checkpoint; UserError if unusable."""
+    """``(Classifier in eval mode on device, checkpoint dict)`` from a checkpoint; UserError if unusable.
+
+    ``path`` may also name a model trained elsewhere, ``FORMAT:LOCATION`` (``cohen:FILE``, ``macer:FILE``,
+    ``hf-hub:timm/NAME``, ``local-dir:DIR``, ...; see :mod:`smoothtransfer.models.external`).
+    """
+    from smoothtransfer.models.external import load_external, parse_source
     from smoothtransfer.models.factory import build_from_spec
 
+    source = parse_source(path)
+    if source is not None:
+        model, info = load_external(source)
+        return model.to(resolve_device(device) if isinstance(device, str) else device).eval(), info
     ckpt = load_checkpoint(path)
     try:
         model = build_from_spec(ckpt["model_spec"])
