@@ -351,8 +351,20 @@ def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "file_not_dir"
     blocker.write_text("x")
     monkeypatch.setenv("SMOOTHTRANSFER_CACHE", str(blocker / "sub"))
-    ds = get_dataset(f"imagefolder:{_write_zip(tmp_path / 'u.zip', _tree({'': {'cat': 2}}))}", "train")
+    ds = get_dataset(f"imagefolder:{_write_zip(tmp_path / 'u.zip', _tree({'': {'cat': 1, 'dog': 1}}))}", "train")
     assert len(ds) == 2
+
+
+def test_one_class_imagefolder_is_refused_at_load(tmp_path):
+    """One class folder would "train" to accuracy 1 and only fail at certify time: refuse when loading."""
+    one = _write_zip(tmp_path / "one.zip", _tree({"": {"cat": 3}}))
+    with pytest.raises(UserError, match=r"has one class \('cat'\).*at least 2"):
+        get_dataset(f"imagefolder:{one}", "train")
+    split = _write_dir(tmp_path / "split", _tree({"train": {"cat": 2}, "test": {"cat": 1}}))
+    with pytest.raises(UserError, match="has one class"):
+        get_dataset(f"imagefolder:{split}", "test")
+    # class-free uses (a denoiser learns from images alone) may ask for fewer
+    assert len(get_dataset(f"imagefolder:{one}", "train", min_classes=1)) == 3
 
 
 # ------------------------------------------------------------------------------------- ImageDataset

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / LATEST).exists() and not args.resume:
         raise UserError(f"{out} already holds a denoiser run; pass --resume to continue it or choose another --out")
 
-    ds = get_dataset(args.dataset, "train", root=args.data_root)
+    ds = get_dataset(args.dataset, "train", root=args.data_root, min_classes=1)  # labels are not used
     images = ds.images
     if images.dim() != 4 or images.dtype != torch.uint8:
         raise UserError(f"dataset {args.dataset} did not give uint8 (N,C,H,W) images")

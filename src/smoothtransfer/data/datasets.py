@@ -640,11 +640,16 @@ def _imagefolder_info(path_str: str, whole: _Source | None, entries: dict[str, _
                        tuple(meta["std"]))
 
 
-def _load_imagefolder(path_str: str, split: str, root: str | None) -> ImageDataset:
+def _load_imagefolder(path_str: str, split: str, root: str | None, min_classes: int = 2) -> ImageDataset:
     _, whole, entries = _imagefolder_layout(path_str, root)
     src = _imagefolder_pick(path_str, split, whole, entries)
     classes = _imagefolder_classes(whole, entries)
     images, targets, meta = _load_source(src, desc=f"decoding {src.path.name}")
+    if len(classes) < min_classes:
+        # One class "trains" to accuracy 1 and only fails later, when certify needs >= 2 classes.
+        raise UserError(f"imagefolder '{path_str}' has {'one class' if len(classes) == 1 else 'no class'} "
+                        f"({', '.join(repr(c) for c in classes)}); classification needs at least {min_classes}: put "
+                        "each class's images in its own <class>/ folder")
     targets = _remap(targets, meta["classes"], classes)
     info = _imagefolder_info(path_str, whole, entries, classes)
     if images.shape[1] != info.channels or images.shape[2] != info.image_size:
@@ -656,18 +661,21 @@ def _load_imagefolder(path_str: str, split: str, root: str | None) -> ImageDatas
 # ----------------------------------------------------------------------------------------------- API
 
 
-def get_dataset(name: str, split: str, root: str | None = None, download: bool = False) -> ImageDataset:
+def get_dataset(name: str, split: str, root: str | None = None, download: bool = False,
+                min_classes: int = 2) -> ImageDataset:
     """Load one split of a dataset as an :class:`ImageDataset`.
 
     Names: ``cifar10`` (train/test), ``tiny-imagenet-32`` (train/val; ``test`` = val), ``eurosat-32``
     (train/val/test), ``imagefolder:<dir or .zip>`` (``<path>/<split>[.zip]`` if present, else the path
     itself), ``torchvision-cifar10`` / ``torchvision-cifar100`` (``download=True`` fetches them).
+    An imagefolder with fewer than ``min_classes`` class folders (over all its splits) is refused; pass
+    ``min_classes=1`` where labels do not matter (denoiser training).
     """
     if name.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
         if not path:
             raise UserError("imagefolder needs a path: imagefolder:<dir or .zip>")
-        return _load_imagefolder(path, split, root)
+        return _load_imagefolder(path, split, root, min_classes)
     if name == "imagefolder":
         raise UserError("imagefolder needs a path: imagefolder:<dir or .zip>")
     try:
