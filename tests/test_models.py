@@ -23,7 +23,7 @@ from smoothtransfer.models import (
 from smoothtransfer.models.factory import _pretrained_mean_std
 from smoothtransfer.models.lora import randomize_lora_
 from smoothtransfer.models.normalize import CIFAR10_MEAN, CIFAR10_STD
-from smoothtransfer.models.norms import largest_group_divisor
+from smoothtransfer.models.norms import GROUP_RULES, group_norm_groups, largest_group_divisor
 from smoothtransfer.models.wrn import WideResNet
 
 NORMS = ["batch", "group", "layer", "instance"]
@@ -68,11 +68,21 @@ def _forward_backward(model: Classifier, size: int = 32, num_classes: int = 10) 
 def test_norm_layers():
     assert isinstance(get_norm_layer("batch")(16), nn.BatchNorm2d)
     group, layer, inst = get_norm_layer("group")(64), get_norm_layer("layer")(64), get_norm_layer("instance")(64)
-    assert isinstance(group, nn.GroupNorm) and group.num_groups == 32
+    assert isinstance(group, nn.GroupNorm) and group.num_groups == 16  # 4 channels per group at C = 64
     assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 1
     assert isinstance(inst, nn.GroupNorm) and inst.num_groups == 64 and inst.affine
-    assert get_norm_layer("group")(16).num_groups == 16
+    assert get_norm_layer("group")(16).num_groups == 4
+    assert get_norm_layer("group")(256).num_groups == 32
+    # the c4 rule: largest divisor of C that is <= min(32, C // 4); the legacy max32 rule: <= 32
+    channels = (3, 4, 16, 24, 32, 48, 64, 96, 128, 160, 256, 640, 2048)
+    assert [group_norm_groups(c) for c in channels] == [1, 1, 4, 6, 8, 12, 16, 24, 32, 32, 32, 32, 32]
+    assert all(c // group_norm_groups(c) >= 4 for c in channels if c >= 4)
     assert [largest_group_divisor(c) for c in (16, 48, 64, 640, 7)] == [16, 24, 32, 32, 7]
+    assert [group_norm_groups(c, "max32") for c in (16, 48, 64, 640, 7)] == [16, 24, 32, 32, 7]
+    assert get_norm_layer("group", "max32")(16).num_groups == 16
+    assert set(GROUP_RULES) == {"c4", "max32"}
+    with pytest.raises(UserError, match="unknown group_rule 'gn8'"):
+        get_norm_layer("group", "gn8")
     x = torch.randn(2, 64, 4, 4)
     # "layer" normalises each sample over (C, H, W)
     y = layer(x)
@@ -115,8 +125,16 @@ def test_cnn_structure_every_norm(name, norm):
             elif expected == "C":
                 assert m.num_groups == m.num_channels
             else:
-                assert m.num_groups == largest_group_divisor(m.num_channels)
+                # a real group norm: never one channel per group (that is InstanceNorm), >= 4 per group
+                assert m.num_groups == group_norm_groups(m.num_channels)
+                assert m.num_channels // m.num_groups >= 4, (name, m)
+                assert m.num_groups > 1 or m.num_channels < 8, (name, m)
     assert model.spec["norm"] == norm
+    if norm == "group":
+        assert model.spec["kwargs"]["group_rule"] == "c4"
+        assert model.spec["norm_groups"] == {str(m.num_channels): m.num_groups for m in norm_modules}
+    else:
+        assert "group_rule" not in model.spec["kwargs"] and "norm_groups" not in model.spec
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -241,6 +259,42 @@ def test_build_from_spec_round_trip():
         build_from_spec({**spec, "arch": "resnet9000"})
     with pytest.raises(UserError, match="missing"):
         build_from_spec({"arch": "resnet20"})
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn28_10", "resnet50"])
+def test_group_norm_spec_round_trip_and_legacy_specs(name, tmp_path):
+    from smoothtransfer.train.checkpoint import load_classifier, save_checkpoint
+
+    with torch.device("meta"):
+        model = create_classifier(name, 10, norm="group")
+        legacy = create_classifier(name, 10, norm="group", group_rule="max32")
+    spec = json.loads(json.dumps(model.spec))
+    assert spec["kwargs"]["group_rule"] == "c4"
+    with torch.device("meta"):
+        assert build_from_spec(spec).spec["norm_groups"] == spec["norm_groups"]
+        # a spec written before group_rule existed (no group_rule, no norm_groups) rebuilds with the old rule
+        old = json.loads(json.dumps(legacy.spec))
+        del old["kwargs"]["group_rule"], old["norm_groups"]
+        rebuilt = build_from_spec(old)
+    assert rebuilt.spec["kwargs"]["group_rule"] == "max32" and rebuilt.spec["norm_groups"] == legacy.spec["norm_groups"]
+    assert [m.num_groups for m in rebuilt.modules() if isinstance(m, nn.GroupNorm)] == \
+        [m.num_groups for m in legacy.modules() if isinstance(m, nn.GroupNorm)]
+    if name == "resnet20":  # the 16/32-channel stages: legacy = one channel per group, c4 = 4 per group
+        assert legacy.spec["norm_groups"] == {"16": 16, "32": 32, "64": 32}
+        assert spec["norm_groups"] == {"16": 4, "32": 8, "64": 16}
+        # an old checkpoint loads and computes exactly what it computed before the rule changed
+        torch.manual_seed(0)
+        trained = create_classifier(name, 10, norm="group", group_rule="max32").eval()
+        trained.spec = old
+        save_checkpoint(tmp_path / "old.pt", trained, classes=None, dataset="x", config={})
+        loaded, _ = load_classifier(tmp_path / "old.pt")
+        x = torch.rand(2, 3, 32, 32)
+        assert torch.equal(loaded(x), trained(x))
+        assert loaded.spec["norm_groups"] == legacy.spec["norm_groups"]
+        with pytest.raises(UserError, match="records GroupNorm groups"):
+            build_from_spec({**spec, "norm_groups": legacy.spec["norm_groups"]})
+    with pytest.raises(UserError, match="group_rule applies to norm='group' only"):
+        create_classifier(name, 10, norm="layer", group_rule="c4")
 
 
 def test_resnet_stems():

@@ -17,7 +17,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (cifar10, tiny-imagenet-32, eurosat-32, imagefolder:PATH, ...)")
     p.add_argument("--data-root", help="folder holding the dataset zips (default: $SMOOTHTRANSFER_DATA or ../shared/datasets)")
     p.add_argument("--model", help="architecture (resnet20, resnet110, resnet50, vit_tiny_patch4_32, ...)")
-    p.add_argument("--norm", choices=["batch", "group", "layer", "instance"])
+    p.add_argument("--norm", choices=["batch", "group", "layer", "instance"],
+                   help="normalisation layers of a CNN (default batch; ViTs: layer). group = GroupNorm with "
+                        "the largest divisor of C that is <= min(32, C/4) groups: >= 4 channels per group on "
+                        "narrow layers (16 channels: 4 groups), 32 groups from C = 128; layer = one group; "
+                        "instance = one channel per group")
     p.add_argument("--objective", help="clean, gaussian, mixed, consistency, smoothadv, macer, adversarial, simclr, ftcadis")
     p.add_argument("--sigma", type=float, help="noise level σ of the objective (gaussian, consistency, ...)")
     p.add_argument("--sigmas", type=float, nargs="+", help="σ set S of the mixed objective, e.g. 0 0.25 0.5 1.0")

@@ -16,6 +16,10 @@ vit_base_patch16_224         timm ViT-B/16; inputs are resized to 224px unless `
 ==========================  ====================================================================
 
 CNNs take any norm (batch | group | layer | instance; default batch); ViTs only ``layer`` (default).
+``group`` has at least 4 channels per group on narrow layers and 32 groups on wide ones (the ``c4`` rule of
+:mod:`smoothtransfer.models.norms`); a ``group`` spec records ``kwargs.group_rule`` and ``norm_groups``
+(channels → groups), and a spec without ``group_rule`` (written before the rule existed) rebuilds with the
+old ``max32`` rule it was trained with.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from torch import nn
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.models.normalize import CIFAR10_MEAN, CIFAR10_STD, InputNormalize
-from smoothtransfer.models.norms import get_norm_layer
+from smoothtransfer.models.norms import (
+    DEFAULT_GROUP_RULE,
+    LEGACY_GROUP_RULE,
+    check_group_rule,
+    get_norm_layer,
+)
 from smoothtransfer.models.resnet import build_cifar_resnet, build_timm_resnet
 from smoothtransfer.models.vit import build_cifar_vit, build_timm_vit
 from smoothtransfer.models.wrn import build_wrn
@@ -195,7 +204,9 @@ def create_classifier(name: str, num_classes: int, norm: str | None = None,
     ImageNet weights (online only; resnet18/50/152 with norm='batch', vit_base_patch16_224).
     ``kwargs``: model options, e.g. ``resize_to`` (any model: bilinearly resize the normalised input to this
     side before the backbone; vit_base_patch16_224 defaults to 224), ``stem`` (timm ResNets), ``dropout``
-    (WRN), ``drop_path_rate`` (timm). The spec records the resolved options.
+    (WRN), ``drop_path_rate`` (timm), ``group_rule`` (norm='group' only: ``c4``, the default, or the legacy
+    ``max32``; see :mod:`smoothtransfer.models.norms`). The spec records the resolved options, and for
+    norm='group' the groups each width got (``norm_groups``: ``{"16": 4, "32": 8, ...}``).
     """
     entry = MODELS.get(name)
     _check_positive_int(num_classes, "num_classes")
@@ -207,6 +218,12 @@ def create_classifier(name: str, num_classes: int, norm: str | None = None,
         raise UserError(f"{name} always uses LayerNorm; pass norm='layer' (or no norm), not norm='{norm}'")
     if (mean is None) != (std is None):
         raise UserError("give both mean and std for the input normalisation, or neither")
+    group_rule = kwargs.pop("group_rule", None)
+    if norm == "group":
+        group_rule = check_group_rule(DEFAULT_GROUP_RULE if group_rule is None else group_rule)
+        kwargs["group_rule"] = group_rule  # the builders pass it to get_norm_layer
+    elif group_rule is not None:
+        raise UserError(f"group_rule applies to norm='group' only, not norm='{norm}'")
     resize_to = kwargs.pop("resize_to", entry.default_resize_to)
     if resize_to is not None:
         _check_positive_int(resize_to, "resize_to")
@@ -244,11 +261,20 @@ def create_classifier(name: str, num_classes: int, norm: str | None = None,
         "lora": None,
         "pretrained": bool(pretrained),  # provenance only: a rebuild never downloads
     }
+    if norm == "group":
+        spec["kwargs"]["group_rule"] = group_rule
+        spec["norm_groups"] = _norm_groups(backbone)
     try:
         json.dumps(spec, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UserError(f"model options for {name} must be JSON values (numbers, strings, lists): {e}") from None
     return Classifier(normalize, backbone, spec)
+
+
+def _norm_groups(backbone: nn.Module) -> dict[str, int]:
+    """``{"<channels>": groups}`` of the GroupNorm layers in ``backbone`` (JSON keys), by width."""
+    groups = {m.num_channels: m.num_groups for m in backbone.modules() if isinstance(m, nn.GroupNorm)}
+    return {str(c): groups[c] for c in sorted(groups)}
 
 
 _SPEC_KEYS = ("arch", "num_classes", "norm", "mean", "std", "input_size", "in_chans", "kwargs")
@@ -272,9 +298,17 @@ def build_from_spec(spec: dict[str, Any]) -> Classifier:
 
         model = build_timm_from_spec(spec)
     else:
+        kwargs = dict(spec["kwargs"])
+        if spec["norm"] == "group":
+            # specs written before group_rule existed were built with the old rule: rebuild them as trained
+            kwargs.setdefault("group_rule", LEGACY_GROUP_RULE)
         model = create_classifier(spec["arch"], spec["num_classes"], norm=spec["norm"], mean=spec["mean"],
                                   std=spec["std"], input_size=spec["input_size"], in_chans=spec["in_chans"],
-                                  pretrained=False, **spec["kwargs"])
+                                  pretrained=False, **kwargs)
+        recorded = spec.get("norm_groups")
+        if recorded is not None and recorded != model.spec.get("norm_groups"):
+            raise UserError(f"model spec records GroupNorm groups {recorded} but its group_rule builds "
+                            f"{model.spec.get('norm_groups')}")
     model.spec["pretrained"] = bool(spec.get("pretrained", False))
     lora = spec.get("lora")
     if lora:

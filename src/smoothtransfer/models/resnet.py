@@ -107,12 +107,14 @@ def build_cifar_resnet(depth: int):
 
     def build(num_classes: int, norm: str, input_size: int, in_chans: int, pretrained: bool,
               kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        kwargs = dict(kwargs)
+        group_rule = kwargs.pop("group_rule", None)  # set by the factory for norm='group'
         if kwargs:
             raise UserError(f"resnet{depth} takes no extra model options, got {sorted(kwargs)}")
         if pretrained:
             raise UserError(f"there are no pretrained weights for resnet{depth}; "
                             "train it or load a smoothtransfer checkpoint")
-        return CifarResNet(depth, num_classes, get_norm_layer(norm), in_chans), {}
+        return CifarResNet(depth, num_classes, get_norm_layer(norm, group_rule), in_chans), {}
 
     return build
 
@@ -132,6 +134,7 @@ def build_timm_resnet(variant: str):
         import timm
 
         kwargs = dict(kwargs)
+        group_rule = kwargs.pop("group_rule", None)  # set by the factory for norm='group'
         stem = kwargs.pop("stem", None) or ("cifar" if input_size <= 64 else "imagenet")
         if stem not in ("cifar", "imagenet"):
             raise UserError(f"{variant} option stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -140,7 +143,7 @@ def build_timm_resnet(variant: str):
             raise UserError(f"pretrained {variant} weights were trained with BatchNorm; use norm='batch' "
                             f"or pretrained=False for norm='{norm}'")
         model = timm.create_model(variant, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                  norm_layer=get_norm_layer(norm), **kwargs)
+                                  norm_layer=get_norm_layer(norm, group_rule), **kwargs)
         if stem == "cifar":
             if not isinstance(model.conv1, nn.Conv2d):
                 raise UserError(f"{variant}: stem='cifar' needs timm's plain conv stem; drop 'stem_type'")

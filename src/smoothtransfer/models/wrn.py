@@ -82,13 +82,14 @@ def build_wrn(depth: int, widen_factor: int):
               kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         kwargs = dict(kwargs)
         dropout = float(kwargs.pop("dropout", 0.0))
+        group_rule = kwargs.pop("group_rule", None)  # set by the factory for norm='group'
         if kwargs:
             raise UserError(f"wrn{depth}_{widen_factor} only takes the model option 'dropout', "
                             f"got {sorted(kwargs)}")
         if pretrained:
             raise UserError(f"there are no pretrained weights for wrn{depth}_{widen_factor}; "
                             "train it or load a smoothtransfer checkpoint")
-        model = WideResNet(depth, widen_factor, num_classes, get_norm_layer(norm), in_chans, dropout)
+        model = WideResNet(depth, widen_factor, num_classes, get_norm_layer(norm, group_rule), in_chans, dropout)
         return model, {"dropout": dropout}
 
     return build
