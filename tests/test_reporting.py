@@ -85,6 +85,42 @@ def test_read_cohen_format(tmp_path):
     assert "(50.0)50.0" in certified_table([run], radii=[0.5])
 
 
+def test_report_on_a_folder_of_cohen_files_without_tsv_suffix(tmp_path, capsys):
+    d = tmp_path / "noise_0.25" / "test"
+    d.mkdir(parents=True)
+    head = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+    (d / "sigma_0.25").write_text(head + "0\t3\t3\t0.512\t1\t0:00:01.500000\n1\t2\t-1\t0.0\t0\t0:00:01.2\n")
+    (d / "sigma_0.50").write_text(head + "0\t3\t3\t0.9\t1\t0:00:01.5\n")
+    (d / "sigma_notes").write_text("not results\n")  # a name that fits but no results header: ignored
+    run = load_run(d)
+    assert [r.sigma for r in run.results] == [0.25, 0.5] and [r.num_done for r in run.results] == [2, 1]
+    assert report.run(_report_args([str(d), "--radii", "0.5"])) == 0
+    assert "(50.0)50.0" in capsys.readouterr().out and (d / "report.md").exists()
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("text", r"sigma_0.25.tsv line 3: radius 'abc' is not a number"),
+    ("short", r"sigma_0.25.tsv line 4 has 4 fields, the header has 9"),
+    ("long", r"sigma_0.25.tsv line 2 has 10 fields, the header has 9"),
+])
+def test_report_refuses_a_damaged_tsv(tmp_path, damage, msg):
+    """A field that is not a number, or a row with the wrong number of fields, is refused with the line number
+    (it used to raise ValueError, or skip the row and silently change the table)."""
+    _write_run(tmp_path / "a", 0.25, ROWS)
+    tsv = tmp_path / "a" / "sigma_0.25.tsv"
+    lines = tsv.read_text().split("\n")
+    if damage == "text":
+        lines[2] = lines[2].replace("\t0.2\t", "\tabc\t")
+    elif damage == "short":
+        lines[3] = "\t".join(lines[3].split("\t")[:4])
+    else:
+        lines[1] += "\textra"
+    tsv.write_text("\n".join(lines))
+    with pytest.raises(UserError, match=msg) as e:
+        report.run(_report_args([str(tmp_path / "a")]))
+    assert "\n" not in str(e.value) and not (tmp_path / "a" / "report.md").exists()
+
+
 def test_load_run_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_run(tmp_path / "missing")

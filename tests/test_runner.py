@@ -353,3 +353,7 @@ def test_merge_shards_writes_one_tsv_in_index_order(tmp_path):
         _rows_wo_time(tmp_path / "one" / "sigma_0.25.tsv")
     assert summary["sigmas"][0]["num_done"] == 7 and summary["sigmas"][0]["complete"]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["sigmas"][0]["num_done"] == 7
+    from smoothtransfer.reporting import load_run
+
+    run = load_run(tmp_path / "two")  # the merged TSV repeats the shards' rows: counted once
+    assert [(r.sigma, r.num_done) for r in run.results] == [(0.25, 7)]

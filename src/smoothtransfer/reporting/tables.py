@@ -28,6 +28,8 @@ from smoothtransfer.evaluation.metrics import abstain_rate, acr, certified_accur
 from smoothtransfer.smoothing.stats import max_certifiable_radius
 
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
+_INT_COLUMNS = ("idx", "label", "predict", "correct", "count")
+_NUMERIC_COLUMNS = (*_INT_COLUMNS, "time", "radius", "n_used", "p_lower")
 _SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_=-]?(\d+(?:\.\d+)?)")
 
 
@@ -61,30 +63,38 @@ def read_tsv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     # Only newline-terminated lines are complete rows: a run killed mid-write leaves a partial last line.
-    lines = [ln for ln in text.split("\n")[:-1] if ln.strip()]
+    # Any complete row that does not parse is refused with its line number (as certify refuses to resume
+    # such a file): skipping it would silently change every number of the table.
+    lines = [(no, ln.rstrip("\r")) for no, ln in enumerate(text.split("\n")[:-1], start=1) if ln.strip()]
     if not lines:
         raise UserError(f"{path} is empty, not a results TSV")
-    header = lines[0].split("\t")
+    header = lines[0][1].split("\t")
     if "correct" not in header and "predict" not in header:
-        raise UserError(f"{path} is not a results TSV (header: {lines[0][:80]})")
+        raise UserError(f"{path} is not a results TSV (header: {lines[0][1][:80]})")
     raw: dict[str, list[str]] = {h: [] for h in header}
-    for line in lines[1:]:
+    for no, line in lines[1:]:
         fields = line.split("\t")
         if len(fields) != len(header):
-            continue
+            raise UserError(f"{path} line {no} has {len(fields)} fields, the header has {len(header)}: the file "
+                            "is damaged; fix or delete that line (a partial last line without newline is ignored)")
         for h, v in zip(header, fields):
             raw[h].append(v)
+    numbers = [no for no, _ in lines[1:]]
     cols: dict[str, np.ndarray] = {}
     for h, vals in raw.items():
-        if h == "time":
-            cols[h] = np.array([_seconds(v) for v in vals], dtype=np.float64)
-        elif h in ("idx", "label", "predict", "correct", "count"):
-            cols[h] = np.array([int(float(v)) for v in vals], dtype=np.int64)
-        else:
+        convert, dtype = {"time": (_seconds, np.float64)}.get(
+            h, ((lambda v: int(float(v))), np.int64) if h in _INT_COLUMNS else (float, np.float64))
+        out = []
+        for no, v in zip(numbers, vals):
             try:
-                cols[h] = np.array([float(v) for v in vals], dtype=np.float64)
+                out.append(convert(v))
             except ValueError:
-                cols[h] = np.array(vals, dtype=object)
+                if h not in _NUMERIC_COLUMNS:  # a column of another tool's: kept as text
+                    out = None
+                    break
+                raise UserError(f"{path} line {no}: {h} {v[:40]!r} is not a number; the file is damaged, fix or "
+                                "delete that line") from None
+        cols[h] = np.array(out, dtype=dtype) if out is not None else np.array(vals, dtype=object)
     return cols
 
 
@@ -177,6 +187,28 @@ def _merge_shards(results: list[SigmaResult]) -> list[SigmaResult]:
     return merged
 
 
+def _has_results_header(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline(4096).rstrip("\r\n").split("\t")
+    except OSError:
+        return False
+    return "idx" in header and ("correct" in header or "predict" in header)
+
+
+def _result_files(folder: Path, prefix: str) -> list[Path]:
+    """``<prefix>*.tsv`` in ``folder``, plus other tools' result files named ``<prefix>*`` without that suffix
+    (Cohen et al.'s ``certify.py`` writes ``noise_0.25/test/sigma_0.25``) whose first line is a results header."""
+    found = set(folder.glob(f"{prefix}*.tsv"))
+    for q in folder.glob(f"{prefix}*"):
+        if q not in found and q.suffix.lower() not in (".json", ".md", ".png", ".lock", ".tmp") and q.is_file() \
+                and _has_results_header(q):
+            found.add(q)
+    # sigma_<s>.merged.tsv (for Cohen's analyze.py) repeats the rows of the shards beside it
+    return sorted(q for q in found if not (q.name.endswith(".merged.tsv") and
+                                            any(folder.glob(q.name.removesuffix(".merged.tsv") + ".shard*of*.tsv"))))
+
+
 def load_run(path: str | os.PathLike, name: str | None = None, prefix: str = "sigma_") -> Run:
     """Load ``DIR/<prefix><s>.tsv`` (+ ``.json`` sidecars) of a result directory, or a single TSV file.
 
@@ -186,12 +218,13 @@ def load_run(path: str | os.PathLike, name: str | None = None, prefix: str = "si
     p = Path(path)
     if not p.exists():
         raise UserError(f"no results at {p}: no such file or directory")
-    tsvs = [p] if p.is_file() else sorted(p.glob(f"{prefix}*.tsv"))
+    tsvs = [p] if p.is_file() else _result_files(p, prefix)
     if not tsvs:
         raise UserError(f"{p} holds no {prefix}*.tsv result files (run `smoothtransfer certify --out {p}` first)")
     results = []
     for tsv in tsvs:
-        side_path = tsv.with_suffix(".json")
+        # "sigma_0.25" (Cohen's, no suffix) must not look for "sigma_0.json"
+        side_path = tsv.with_suffix(".json") if tsv.suffix == ".tsv" else tsv.with_name(tsv.name + ".json")
         sidecar: dict[str, Any] = {}
         if side_path.exists():
             try:
