@@ -336,3 +336,156 @@ def test_hub_errors(tmp_path, monkeypatch):
     (d / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="not a timm model config"):
         load_classifier(f"local-dir:{d}")
+
+
+# ---------------------------------------------------------------------------------------------------- diffusers denoisers
+
+
+def _tiny_unet(size: int = 32, seed: int = 0):
+    from smoothtransfer.models.denoisers import create_diffusion_unet
+
+    torch.manual_seed(seed)
+    return create_diffusion_unet(size, 3, "tiny").eval()
+
+
+def save_like_google_ddpm(unet, directory) -> None:
+    """The layout of google/ddpm-cifar10-32: UNet config + pickled weights and the scheduler config at the repo
+    root (the scheduler config in its old form: no prediction_type, no clip_sample_range), model_index.json."""
+    import json
+
+    unet.save_pretrained(directory, safe_serialization=False)
+    (directory / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+        "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}))
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+
+
+def one_shot_reference(unet, x_noisy: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Carlini et al.'s one-shot denoising, written out from the DDPM schedule (linear β 1e-4 … 0.02, T = 1000)."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    acp = torch.cumprod(1 - betas, 0)
+    t = int(torch.argmin(((1 - acp) / acp - (2 * sigma) ** 2).abs()))
+    a = float(acp[t])
+    x_t = math.sqrt(a) * (2 * x_noisy - 1)
+    eps = unet(x_t, torch.full((x_noisy.shape[0],), t), return_dict=False)[0]
+    x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    return (x0.clamp(-1, 1) + 1) / 2
+
+
+def test_google_ddpm_layout_is_the_one_shot_denoiser(tmp_path):
+    from smoothtransfer.models.denoisers import DiffusionDenoiser, load_denoiser
+
+    unet = _tiny_unet()
+    save_like_google_ddpm(unet, tmp_path / "ddpm")
+    assert (tmp_path / "ddpm" / "diffusion_pytorch_model.bin").exists()
+    den = load_denoiser(tmp_path / "ddpm")
+    assert isinstance(den, DiffusionDenoiser) and den.prediction_type == "epsilon" and den.image_size == 32
+    x = torch.rand(2, 3, 32, 32)
+    for sigma in (0.12, 0.25, 0.5, 1.0):
+        x_noisy = x + sigma * torch.randn_like(x)
+        with torch.no_grad():
+            torch.testing.assert_close(den(x_noisy, sigma), one_shot_reference(unet, x_noisy, sigma),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_pipeline_layout_and_hub_prefix(tmp_path, monkeypatch):
+    from diffusers import DDPMPipeline
+
+    from smoothtransfer.models import denoisers
+    from smoothtransfer.models.denoisers import create_ddpm_scheduler, load_denoiser
+
+    unet = _tiny_unet()
+    DDPMPipeline(unet=unet, scheduler=create_ddpm_scheduler()).save_pretrained(tmp_path / "pipe")
+    x_noisy = torch.rand(1, 3, 32, 32) + 0.25 * torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_denoiser(tmp_path / "pipe")(x_noisy, 0.25),
+                                   one_shot_reference(unet, x_noisy, 0.25), rtol=1e-4, atol=1e-4)
+    asked = []
+    monkeypatch.setattr(denoisers.DiffusionDenoiser, "from_pretrained",
+                        classmethod(lambda cls, src, **kw: asked.append(src) or cls(unet, create_ddpm_scheduler())))
+    load_denoiser("hf-hub:google/ddpm-cifar10-32")
+    load_denoiser("google/ddpm-cifar10-32")
+    assert asked == ["google/ddpm-cifar10-32"] * 2
+
+
+def test_denoiser_in_front_of_a_resizing_timm_classifier(tmp_path):
+    """Carlini et al.'s set-up: a 32 px diffusion denoiser, then an off-the-shelf classifier at its own size."""
+    from timm.models import save_for_hf
+
+    from smoothtransfer.models.denoisers import DenoisedClassifier, DiffusionDenoiser, create_ddpm_scheduler
+
+    ref = _timm_reference("test_vit.r160_in1k", num_classes=4)
+    save_for_hf(ref, str(tmp_path / "vit"), safe_serialization=True)
+    classifier, _ = load_classifier(tmp_path / "vit")
+    unet = _tiny_unet()
+    dc = DenoisedClassifier(DiffusionDenoiser(unet, create_ddpm_scheduler()), classifier, 0.5)
+    x_noisy = torch.rand(2, 3, 32, 32) + 0.5 * torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(_their_preprocessing(ref, one_shot_reference(unet, x_noisy, 0.5)))
+        torch.testing.assert_close(dc(x_noisy), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- certify CLI
+
+
+def _imagefolder(root, classes=("cat", "dog"), n=2, size=32) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(root / split / c / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def _certify(argv) -> int:
+    import argparse
+
+    from smoothtransfer.commands import certify
+
+    p = argparse.ArgumentParser()
+    certify.add_arguments(p)
+    return certify.run(p.parse_args(argv))
+
+
+def test_certify_cli_with_models_trained_elsewhere(tmp_path, monkeypatch, capsys):
+    import json
+
+    from timm.models import save_for_hf
+
+    monkeypatch.setenv("SMOOTHTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data = _imagefolder(tmp_path / "data")
+    ref = randomize(ref_architecture("cifar_resnet20", "cifar10"))
+    ref[1].fc = nn.Linear(64, 2)
+    (tmp_path / "noise_0.25").mkdir()
+    torch.save({"epoch": 90, "arch": "cifar_resnet20", "state_dict": ref.state_dict()},
+               tmp_path / "noise_0.25" / "checkpoint.pth.tar")
+    save_for_hf(_timm_reference("test_resnet.r160_in1k", num_classes=2), str(tmp_path / "hub"),
+                safe_serialization=True)
+    save_like_google_ddpm(_tiny_unet(), tmp_path / "ddpm")
+    common = ["--dataset", data, "--sigma", "0.25", "--n0", "8", "--n", "16", "--batch-size", "16", "--max", "2",
+              "--device", "cpu", "--workers", "1", "--no-progress"]
+    runs = {
+        "cohen": ["--checkpoint", "cohen:noise_0.25/checkpoint.pth.tar"],
+        "hub": ["--checkpoint", f"local-dir:{tmp_path / 'hub'}", "--out", "hub-run"],
+        "denoised": ["--checkpoint", "cohen:noise_0.25/checkpoint.pth.tar", "--denoiser", str(tmp_path / "ddpm"),
+                     "--out", "dn-run"],
+    }
+    for name, argv in runs.items():
+        assert _certify([*argv, *common]) == 0, name
+    outs = [d for d in (tmp_path / "runs" / "certify").iterdir()]
+    assert len(outs) == 1 and outs[0].name.startswith("cohen-noise_0.25-checkpoint"), outs
+    out = outs[0]
+    side = json.loads((out / "sigma_0.25.json").read_text())
+    assert side["checkpoint"].startswith("cohen:") and "sha256" in json.dumps(side)
+    assert len((tmp_path / "hub-run" / "sigma_0.25.tsv").read_text().splitlines()) == 3
+    assert len((tmp_path / "dn-run" / "sigma_0.25.tsv").read_text().splitlines()) == 3
+    # rerunning resumes (same identity); the same file read in another format is another model
+    assert _certify([*runs["cohen"], *common]) == 0
+    with pytest.raises(UserError, match="smoothadv-center:sha256"):
+        _certify(["--checkpoint", "smoothadv-center:noise_0.25/checkpoint.pth.tar", "--out", str(out), *common])

@@ -27,7 +27,11 @@ AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 
 def add_common_arguments(p: argparse.ArgumentParser, *, n_default: int, batch_default: int) -> None:
     """Flags shared by ``certify`` and ``predict``."""
-    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (.pt) saved by pretrain/finetune")
+    p.add_argument("--checkpoint", required=True,
+                   help="classifier checkpoint (.pt) saved by pretrain/finetune, or a model trained elsewhere: "
+                        "cohen:FILE, consistency:FILE, catrs:FILE, smoothadv:FILE, smoothadv-center:FILE, macer:FILE "
+                        "(the reference implementations' checkpoints), timm:NAME, hf-hub:ORG/NAME, local-dir:DIR "
+                        "(timm classifiers; their resize and mean/std become part of the base classifier)")
     p.add_argument("--dataset", required=True,
                    help="cifar10, tiny-imagenet-32, eurosat-32, imagefolder:<dir or .zip>, torchvision-cifar10, ...")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
@@ -224,14 +228,17 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
         except ImportError:
             raise UserError("--denoiser: denoised smoothing is not available in this installation") from None
 
+    from smoothtransfer.models.external import parse_source
+
+    external = parse_source(args.checkpoint)  # cohen:FILE, hf-hub:ORG/NAME, ... (None: our checkpoint)
     ckpt_path = Path(args.checkpoint)
-    if not ckpt_path.exists():
+    if external is None and not ckpt_path.exists():
         raise UserError(f"checkpoint {ckpt_path} does not exist")
     try:
         from smoothtransfer.train.checkpoint import load_classifier
     except ImportError:
         raise UserError("loading checkpoints is not available in this installation (smoothtransfer.train)") from None
-    classifier, ckpt = load_classifier(str(ckpt_path), device=device)
+    classifier, ckpt = load_classifier(str(external or ckpt_path), device=device)
     from smoothtransfer.smoothing.sampling import default_batch_size, prepare_for_inference
 
     prepare_for_inference(classifier)  # eval + channels_last (measured faster on CPU and GPU)
@@ -253,7 +260,7 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     shape = tuple(dataset.images.shape[1:]) if hasattr(dataset, "images") else tuple(dataset[0][0].shape)
     want = (int(spec.get("in_chans", shape[0])), int(spec.get("input_size", shape[1])),
             int(spec.get("input_size", shape[2])))
-    if shape != want:
+    if shape != want and not (spec.get("resizes_input") and shape[0] == want[0]):  # timm: resizes any size
         raise UserError(f"dataset {args.dataset} has {shape[0]}x{shape[1]}x{shape[2]} images but the checkpoint's "
                         f"model takes {want[0]}x{want[1]}x{want[2]}")
 
@@ -281,15 +288,17 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     indices = evenly_spaced(len(dataset), args.skip, args.max)
     if not indices:
         raise UserError(f"--skip {args.skip} --max {args.max} select no images of {args.dataset} ({args.split})")
-    out = Path(args.out) if args.out else default_out(command, args.checkpoint, args.dataset, args.split)
+    out = Path(args.out) if args.out else default_out(command, external.run_name if external else args.checkpoint,
+                                                      args.dataset, args.split)
     identity = {
-        "checkpoint_sha256": file_sha256(ckpt_path) if ckpt_path.is_file() else str(ckpt_path.resolve()),
+        "checkpoint_sha256": ckpt["identity"] if external else file_sha256(ckpt_path) if ckpt_path.is_file()
+        else str(ckpt_path.resolve()),
         "dataset": args.dataset,
         "split": args.split,
         "denoiser": str(Path(args.denoiser).resolve()) if args.denoiser else None,
     }
     info = {
-        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint": str(external) if external else str(ckpt_path.resolve()),
         "checkpoint_dataset": ckpt.get("dataset"),
         "model_arch": spec.get("arch"),
         "skip": args.skip,

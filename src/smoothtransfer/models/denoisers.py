@@ -361,6 +361,8 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     Returns the module on ``device`` in eval mode with its parameters frozen (``requires_grad=False``).
     ``denoiser.json`` says the kind; a bare diffusers directory (no metadata) loads as a diffusion denoiser.
     """
+    if os.fspath(path).startswith("hf-hub:"):  # the spelling --checkpoint uses for hub models
+        path = os.fspath(path)[len("hf-hub:"):]
     p = Path(path)
     if p.exists():
         p = _resolve_dir(p)
@@ -397,7 +399,7 @@ def check_compatible(denoiser: nn.Module, classifier_spec: Mapping[str, Any] | n
     c_size, c_ch = spec.get("input_size"), spec.get("in_chans", 3)
     if c_ch is not None and d_ch is not None and int(c_ch) != int(d_ch):
         raise UserError(f"denoiser outputs {d_ch}-channel images but the classifier takes {c_ch} channels")
-    if c_size is not None and d_size and int(c_size) != int(d_size):
+    if c_size is not None and d_size and int(c_size) != int(d_size) and not spec.get("resizes_input"):
         raise UserError(f"denoiser works on {d_size}x{d_size} px images but the classifier takes "
                         f"{c_size}x{c_size} px")
     rng = spec.get("input_range", (0.0, 1.0))

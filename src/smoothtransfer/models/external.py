@@ -108,6 +108,15 @@ class ExternalSource:
     def is_local(self) -> bool:
         return self.fmt in PEER_FORMATS or self.fmt == "local-dir"
 
+    @property
+    def run_name(self) -> str:
+        """A name for default result directories: the format, the file's folder and name, or the model id
+        (reference checkpoints are all called checkpoint.pth.tar, in folders named after σ)."""
+        if self.is_local:
+            p = Path(self.location).resolve()
+            return f"{self.fmt}-{p.parent.name}-{p.name}" if self.fmt in PEER_FORMATS else f"{self.fmt}-{p.name}"
+        return f"{self.fmt}-{self.location.replace('/', '-').replace('.', '_')}"
+
 
 def _is_timm_dir(p: Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in TIMM_WEIGHTS)
