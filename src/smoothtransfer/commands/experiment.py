@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run: a TrainConfig key (epochs=2) or certify.n=1000")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs (and what they start from)")
-    p.add_argument("--results", help="also update this RESULTS.md section from the run directories")
+    p.add_argument("--results", help="also update this RESULTS.md section (from the run directories, else from "
+                   "the results store)")
+    p.add_argument("--results-dir", default="results",
+                   help="results store: the small result files of every run are kept in DIR/NAME/SCALE (commit "
+                   "them); a run complete there with the same settings is not run again (default: results)")
     p.add_argument("--report-only", action="store_true", help="write tables from existing run dirs; train nothing")
     p.add_argument("--list", action="store_true", help="list the bundled experiments")
     p.add_argument("--no-progress", action="store_true")
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise UserError("name an experiment (smoothtransfer experiment --list shows them)")
     exp = E.load_experiment(args.name, args.scale, out=args.out, overrides=args.overrides,
-                            data_root=args.data_root, device=args.device, only=args.only)
+                            data_root=args.data_root, device=args.device, only=args.only,
+                            results_dir=args.results_dir or None)
     if args.report_only:
         results = E.collect(exp)
         E.write_report(exp, results)

@@ -1,0 +1,305 @@
+"""Experiment grids: ``configs/experiments/NAME.yaml`` resolved and validated into runs (nothing runs here).
+
+An experiment file holds
+- ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``) and evaluation settings (``certify``,
+  ``attack``, ``noise_profile``);
+- ``scales``: per scale (``cpu-small``, ``cpu``, ``gpu``, ``paper``) overrides of the same sections, and
+  optionally ``runs: [id, ...]``, the part of the grid that scale runs (with what those runs start from);
+- ``runs``: ``id -> {stage, init: <run id>, <TrainConfig keys>, evaluate: [certify, attack, ...]}``;
+- ``tables``: markdown tables laid out like the paper's, each row a (run, σ) and each column a metric, with
+  the paper's numbers (``paper``) and its claims (``claims``) as data; see ``experiments.tables``.
+
+Everything is resolved and validated before the first step (unknown keys, unknown runs, missing datasets
+are UserErrors).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from smoothtransfer.config import TrainConfig, apply_overrides, from_dict, load_yaml, replace
+from smoothtransfer.data.datasets import check_available
+from smoothtransfer.errors import UserError
+
+SCALES = ("cpu-small", "cpu", "gpu", "paper")
+EVAL_KINDS = ("certify", "attack", "noise_profile")
+TOP_KEYS = {"name", "title", "paper", "description", "defaults", "scales", "runs", "tables", "notes", "scale_notes",
+            "paper_settings"}
+DENOISER_KEYS = {"kind", "dataset", "data_root", "size", "sigmas", "epochs", "batch_size", "lr", "weight_decay",
+                 "grad_clip", "max_train", "seed", "device"}
+CERTIFY_KEYS = {"dataset", "split", "sigmas", "n0", "n", "alpha", "batch_size", "skip", "max", "seed", "amp",
+                "data_root", "denoiser", "sequential"}
+ATTACK_KEYS = {"dataset", "split", "attack", "eps", "steps", "max", "skip", "batch_size", "seed", "data_root"}
+TABLE_KEYS = {"id", "title", "caption", "row_header", "columns", "headers", "rows", "paper", "claims",
+              "best_over_sigma", "discussion"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "expect", "margin", "paper"}
+NOISE_KEYS = {"dataset", "split", "sigmas", "max", "skip", "batch_size", "seed", "data_root"}
+
+
+def experiments_dir() -> Path:
+    return Path(str(resources.files("smoothtransfer") / "configs" / "experiments"))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+
+
+def find_experiment(name: str) -> Path:
+    """A bundled experiment name, or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    path = experiments_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown experiment '{name}'; choose from: {', '.join(available())} (or a YAML path)")
+    return path
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+@dataclass
+class Run:
+    """One node of the grid: a ``pretrain``/``finetune`` training run (``train``) or a ``denoiser`` run
+    (``denoiser_args``: the flags of ``smoothtransfer train-denoiser``), plus its evaluations."""
+
+    id: str
+    stage: str
+    init: str | None
+    train: TrainConfig | None
+    evaluate: dict[str, dict] = field(default_factory=dict)
+    label: str = ""
+    denoiser_args: dict | None = None
+    needs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Experiment:
+    name: str
+    scale: str
+    out: Path
+    spec: dict
+    runs: dict[str, Run]
+    tables: list[dict]
+    #: where the small result files of every run are kept (committed; see experiments.store); None: nowhere
+    results_dir: Path | None = None
+
+    def order(self) -> list[Run]:
+        """Runs in dependency order (an ``init`` run before the runs fine-tuned from it)."""
+        done: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(rid: str) -> None:
+            if rid in done:
+                return
+            if rid in visiting:
+                raise UserError(f"experiment {self.name}: runs form a cycle through '{rid}'")
+            visiting.add(rid)
+            for dep in self.runs[rid].needs:
+                visit(dep)
+            done.append(rid)
+
+        for rid in self.runs:
+            visit(rid)
+        return [self.runs[r] for r in done]
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, sorted(allowed), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown key '{k}' in {where}{hint}")
+
+
+def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None = None,
+                    overrides: list[str] | None = None, data_root: str | None = None,
+                    device: str | None = None, only: list[str] | None = None,
+                    results_dir: str | Path | None = None) -> Experiment:
+    """Resolve and validate an experiment grid. Nothing runs here.
+
+    ``results_dir``: a results store (e.g. ``results/``); the grid keeps its small result files in
+    ``results_dir/NAME/SCALE`` and reuses them instead of re-running (see :mod:`experiments.store`)."""
+    path = find_experiment(name)
+    spec = load_yaml(path)
+    _check_keys(spec, TOP_KEYS, f"{path.name}")
+    scales = spec.get("scales") or {}
+    if scale not in scales:
+        raise UserError(f"experiment {spec.get('name', name)} has no scale '{scale}'; choose from: "
+                        f"{', '.join(scales)}")
+    scale_spec = dict(scales[scale] or {})
+    # a scale may run a subset of the grid (e.g. the headline rows at `cpu`): ``runs: [id, ...]``
+    scale_runs = scale_spec.pop("runs", None)
+    sections = _merge(spec.get("defaults") or {}, scale_spec)
+    for sec in sections:
+        if sec not in ("pretrain", "finetune", "denoiser", *EVAL_KINDS):
+            raise UserError(f"unknown section '{sec}' in {path.name} defaults/scales.{scale}")
+    exp_name = spec.get("name", path.stem)
+    out = Path(out) if out else runs_root() / "experiments" / exp_name / scale
+    runs_spec = spec.get("runs") or {}
+    if not runs_spec:
+        raise UserError(f"experiment {exp_name} defines no runs")
+    runs: dict[str, Run] = {}
+    for rid, rspec in runs_spec.items():
+        rspec = dict(rspec or {})
+        stage = rspec.pop("stage", None)
+        if stage not in ("pretrain", "finetune", "denoiser"):
+            raise UserError(f"run '{rid}' in {path.name}: stage must be pretrain, finetune or denoiser, "
+                            f"got {stage!r}")
+        if stage == "denoiser":
+            label = rspec.pop("label", rid)
+            args = _merge(sections.get("denoiser", {}), rspec)
+            _check_keys(args, DENOISER_KEYS, f"{path.name} run '{rid}'")
+            if data_root:
+                args["data_root"] = data_root
+            if device:
+                args["device"] = device
+            runs[rid] = Run(id=rid, stage=stage, init=None, train=None, label=label, denoiser_args=args)
+            continue
+        init = rspec.pop("init", None)
+        evaluate = rspec.pop("evaluate", ["certify"] if stage == "finetune" else [])
+        label = rspec.pop("label", rid)
+        per_run_eval = {k: rspec.pop(k) for k in EVAL_KINDS if k in rspec}
+        if stage == "finetune" and init not in runs_spec:
+            raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
+        needs = [init] if init else []
+        train_dict = _merge(sections.get(stage, {}), rspec)
+        if train_dict.get("denoiser"):  # a denoiser run of this grid (FT-CADIS fine-tuning through it)
+            dn = train_dict["denoiser"]
+            if dn not in runs_spec:
+                raise UserError(f"run '{rid}' in {path.name}: denoiser must name a denoiser run, got {dn!r}")
+            needs.append(dn)
+            train_dict["denoiser"] = str(out / dn / "denoiser")
+        train_dict["stage"] = stage
+        train_dict["out"] = str(out / rid / "train")
+        train_dict["init"] = str(out / init / "train" / "checkpoint.pt") if init else None
+        if data_root:
+            train_dict.setdefault("data", {})["data_root"] = data_root
+        if device:
+            train_dict["device"] = device
+        train_dict = apply_overrides(train_dict, [o for o in (overrides or []) if not o.startswith(EVAL_KINDS)])
+        try:
+            train_cfg = from_dict(TrainConfig, train_dict)
+            if stage == "finetune":
+                train_cfg.validate()
+            else:
+                replace(train_cfg, init=None).validate()
+        except UserError as e:
+            raise UserError(f"run '{rid}' in {path.name}: {e}") from None
+        evals: dict[str, dict] = {}
+        for kind in evaluate:
+            if kind not in EVAL_KINDS:
+                raise UserError(f"run '{rid}' in {path.name}: unknown evaluation '{kind}'; choose from "
+                                f"{', '.join(EVAL_KINDS)}")
+            e = _merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
+            e = apply_overrides(e, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith(kind + ".")])
+            _check_keys(e, {"certify": CERTIFY_KEYS, "attack": ATTACK_KEYS, "noise_profile": NOISE_KEYS}[kind],
+                        f"{path.name} run '{rid}' {kind}")
+            e.setdefault("dataset", train_cfg.data.dataset)
+            if kind == "certify" and e.get("denoiser"):
+                if e["denoiser"] not in runs_spec:
+                    raise UserError(f"run '{rid}' in {path.name}: certify.denoiser must name a denoiser run, "
+                                    f"got {e['denoiser']!r}")
+                needs.append(e["denoiser"])
+                e["denoiser"] = str(out / e["denoiser"] / "denoiser")
+            if data_root:
+                e["data_root"] = data_root
+            evals[kind] = e
+        if "certify" in evals and "noise_profile" not in evals:
+            evals["noise_profile"] = base_accuracy_eval(evals["certify"])
+        runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label, needs=needs)
+    tables = spec.get("tables") or []
+    for t in tables:
+        _check_keys(t, TABLE_KEYS, f"{path.name} table '{t.get('id')}'")
+        for row in t.get("rows", []):
+            if row.get("run") not in runs:
+                raise UserError(f"table '{t.get('id')}' in {path.name} names unknown run {row.get('run')!r}")
+        for c in t.get("claims", []) or []:
+            _check_keys(c, CLAIM_KEYS, f"{path.name} table '{t.get('id')}' claim")
+            for side in ("a", "b"):
+                if (c.get(side) or {}).get("run") not in runs:
+                    raise UserError(f"a claim of table '{t.get('id')}' in {path.name} names unknown run "
+                                    f"{(c.get(side) or {}).get('run')!r}")
+    if scale_runs is not None:
+        runs = _closure(runs, scale_runs, f"scales.{scale}.runs in {path.name}")
+        tables = _restrict_tables(tables, runs)
+    if only:
+        runs = _closure(runs, only, "--only")
+        tables = _restrict_tables(tables, runs)
+    store = Path(results_dir) / exp_name / scale if results_dir else None
+    exp = Experiment(name=exp_name, scale=scale, out=out, spec=spec, runs=runs, tables=tables, results_dir=store)
+    _check_data(exp)
+    return exp
+
+
+def base_accuracy_eval(cert: dict) -> dict:
+    """The noise-profile evaluation that gives a certified run its base-classifier accuracy ("Clean Acc." of
+    Qiu et al.: the base model on clean images, σ = 0) and its accuracy under noise at each certified σ, on
+    exactly the test images that ``cert`` certifies (same dataset, split, skip, max)."""
+    e = {k: cert[k] for k in ("dataset", "split", "skip", "max", "data_root") if cert.get(k) is not None}
+    # with a denoiser, the classifier alone under noise is not the smoothed model's base: clean only
+    e["sigmas"] = [0.0] if cert.get("denoiser") else [0.0, *sorted({float(s) for s in cert.get("sigmas", [])})]
+    e["seed"] = int(cert.get("seed", 0))
+    return e
+
+
+def _restrict_tables(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
+    """Tables cut to the rows and claims of ``runs``; a table left without rows is dropped."""
+    out = []
+    for t in tables:
+        rows = [r for r in t.get("rows", []) if r["run"] in runs]
+        claims = [c for c in t.get("claims", []) or [] if c["a"]["run"] in runs and c["b"]["run"] in runs]
+        if rows:
+            out.append(dict(t, rows=rows, claims=claims))
+    return out
+
+
+def runs_root() -> Path:
+    """Where experiment run directories live: ``$SMOOTHTRANSFER_RUNS``, else ``./runs``. Long grids should live
+    outside a work tree that may be laid anew (e.g. ``SMOOTHTRANSFER_RUNS=~/smoothtransfer-runs``)."""
+    env = os.environ.get("SMOOTHTRANSFER_RUNS")
+    return Path(env).expanduser() if env else Path("runs")
+
+
+def _closure(runs: dict[str, Run], ids: list[str], where: str) -> dict[str, Run]:
+    """``runs`` restricted to ``ids`` and every run they start from, in the grid's order."""
+    keep: set[str] = set()
+    for rid in ids:
+        if rid not in runs:
+            raise UserError(f"{where} names unknown run '{rid}'")
+        todo = [rid]
+        while todo:
+            r = todo.pop()
+            keep.add(r)
+            todo += runs[r].needs
+    return {k: v for k, v in runs.items() if k in keep}
+
+
+def _check_data(exp: Experiment) -> None:
+    """Fail before any work if a dataset of the grid is missing."""
+    seen = set()
+    for run in exp.runs.values():
+        if run.train is None:
+            pairs = [(run.denoiser_args.get("dataset", "cifar10"), run.denoiser_args.get("data_root"), "train")]
+        else:
+            pairs = [(run.train.data.dataset, run.train.data.data_root, run.train.data.split)]
+        pairs += [(e["dataset"], e.get("data_root"), e.get("split", "test")) for e in run.evaluate.values()]
+        for name, root, split in pairs:
+            if (name, root, split) in seen:
+                continue
+            seen.add((name, root, split))
+            check_available(name, (split,) if split else (), root=root)
+
+

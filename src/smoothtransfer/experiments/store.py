@@ -1,0 +1,113 @@
+"""The results store: the small result files of every run of a grid, kept apart from its run directories.
+
+Run directories hold checkpoints (large, never committed) and live wherever ``--out`` /
+``$SMOOTHTRANSFER_RUNS`` puts them. The store (``results/NAME/SCALE/<run id>/...`` in the repository) holds
+what tables are made of — certify TSVs and sidecars, ``summary.json``, noise-profile and attack JSON, the
+training summary, run info and config — plus ``settings.json``, the run's settings without machine paths.
+A run whose stored settings equal the grid's and whose evaluations are all stored is *complete*: the engine
+reuses it instead of training again, so a fresh clone regenerates RESULTS.md without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from smoothtransfer.config import to_dict
+from smoothtransfer.experiments.spec import Experiment, Run
+from smoothtransfer.utils import atomic_write_json
+
+#: per sub-directory of a run directory: the file patterns the store keeps
+KEEP = {
+    "train": ("train_summary.json", "run_info.json", "config.yaml"),
+    "certify": ("*.tsv", "*.json"),
+    "noise_profile": ("*.json",),
+    "attack": ("*.json",),
+    "denoiser": ("*.json",),
+}
+#: a result file larger than this is not "small": refuse to copy it into a repository
+MAX_FILE_BYTES = 8 * 2**20
+#: the file that marks an evaluation finished
+RESULT_FILE = {"certify": "summary.json", "noise_profile": "noise_profile.json", "attack": "attack.json"}
+# settings that name places on one machine, not what was computed
+_PATH_KEYS = {"out", "init", "data_root", "denoiser", "device", "progress", "tensorboard", "threads",
+              "checkpoint_every"}
+
+
+def _strip_paths(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _strip_paths(v) for k, v in d.items() if k not in _PATH_KEYS}
+    if isinstance(d, (list, tuple)):
+        return [_strip_paths(v) for v in d]
+    return d
+
+
+def run_settings(run: Run) -> dict:
+    """What a run computes (training config, denoiser arguments, evaluations), without machine paths."""
+    return json.loads(json.dumps({
+        "stage": run.stage, "init_run": run.init, "needs": list(run.needs),
+        "train": _strip_paths(to_dict(run.train)) if run.train is not None else None,
+        "denoiser_args": _strip_paths(run.denoiser_args), "evaluate": _strip_paths(run.evaluate),
+    }))
+
+
+def stored_dir(exp: Experiment, run_id: str) -> Path | None:
+    return exp.results_dir / run_id if exp.results_dir else None
+
+
+def is_complete(exp: Experiment, run: Run) -> bool:
+    """The store holds every result of ``run`` for the grid's current settings."""
+    d = stored_dir(exp, run.id)
+    if d is None or not (d / "settings.json").is_file():
+        return False
+    try:
+        if json.loads((d / "settings.json").read_text()) != run_settings(run):
+            return False
+    except ValueError:
+        return False
+    if run.stage == "denoiser":
+        return any((d / "denoiser").glob("*.json"))
+    if not (d / "train" / "train_summary.json").is_file():
+        return False
+    return all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate)
+
+
+def export_run(exp: Experiment, run: Run) -> None:
+    """Copy the small result files of a finished run from its run directory into the store."""
+    dest = stored_dir(exp, run.id)
+    if dest is None:
+        return
+    src = exp.out / run.id
+    for sub, patterns in KEEP.items():
+        for pattern in patterns:
+            for f in sorted((src / sub).glob(pattern)):
+                if not f.is_file() or f.stat().st_size > MAX_FILE_BYTES:
+                    continue
+                target = dest / sub / f.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(f, tmp)
+                tmp.replace(target)  # atomic: a reader never sees half a file
+    atomic_write_json(dest / "settings.json", run_settings(run))
+
+
+def source_dir(exp: Experiment, run_id: str) -> Path:
+    """Where the results of ``run_id`` are read from: its run directory when it holds any, else the store."""
+    live = exp.out / run_id
+    if any((live / kind / f).is_file() for kind, f in RESULT_FILE.items()) or \
+            (live / "train" / "train_summary.json").is_file():
+        return live
+    stored = stored_dir(exp, run_id)
+    return stored if stored is not None and stored.is_dir() else live
+
+
+def load_timings(exp: Experiment) -> dict[str, float]:
+    """Wall seconds per run id: the run directory's timings, completed by the store's."""
+    out: dict[str, float] = {}
+    for d in (exp.results_dir, exp.out):
+        p = d / "timings.json" if d else None
+        if p is not None and p.is_file():
+            out.update(json.loads(p.read_text()))
+    return out

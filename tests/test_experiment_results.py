@@ -1,0 +1,165 @@
+"""The experiment results store and tables: intervals, paper rows, best-over-σ view and computed verdicts.
+
+Run directories are fabricated (certify TSV + sidecar summarised by the real ``summarize_dir``, a noise
+profile, a training summary), so nothing is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from smoothtransfer.errors import UserError
+from smoothtransfer.experiments import collect, load_experiment, plan, render_tables, store, update_results_md
+from smoothtransfer.experiments.tables import BEST_NOTE
+from smoothtransfer.reporting.compare import CONTRADICTED, REPRODUCED, UNRESOLVED
+from smoothtransfer.smoothing.runner import summarize_dir
+
+
+def _spec(tables: list[dict]) -> dict:
+    return {
+        "name": "tiny", "title": "tiny",
+        "paper_settings": "ResNet-152 on ImageNet-32, N=100k",
+        "defaults": {
+            "pretrain": {"data": {"dataset": "cifar10"}, "model": {"arch": "resnet20"}, "objective": {"name": "clean"}},
+            "certify": {"dataset": "cifar10", "split": "test", "sigmas": [0.25, 0.5], "n0": 10, "n": 100,
+                        "alpha": 0.001, "skip": 20, "max": 200},
+        },
+        "scales": {"cpu-small": {}},
+        "runs": {"good": {"stage": "pretrain", "evaluate": ["certify"], "label": "good model"},
+                 "bad": {"stage": "pretrain", "evaluate": ["certify"], "label": "bad model"}},
+        "tables": tables,
+    }
+
+
+def _fake_run(out, rid: str, correct: np.ndarray, radius: np.ndarray, sigmas=(0.25, 0.5)) -> None:
+    """A finished run directory: train summary, certify TSV + sidecar per σ, summary.json, noise profile."""
+    d = out / rid
+    (d / "train").mkdir(parents=True)
+    (d / "train" / "train_summary.json").write_text(json.dumps({"val_acc": 0.5}))
+    (d / "train" / "run_info.json").write_text(json.dumps({"env": {"cpu": "Test CPU", "cpu_count": 2},
+                                                            "amp": {"asked": "auto", "used": "bf16"}}))
+    cdir = d / "certify"
+    cdir.mkdir()
+    n_img = len(correct)
+    for s in sigmas:
+        rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+        for i in range(n_img):
+            rows.append(f"{i * 20}\t1\t{1 if correct[i] else 2}\t{radius[i] * s / 0.25:.4f}\t{int(correct[i])}\t0.1")
+        (cdir / f"sigma_{s:.2f}.tsv").write_text("\n".join(rows) + "\n")
+        (cdir / f"sigma_{s:.2f}.json").write_text(json.dumps({
+            "kind": "certify", "sigma": s, "n0": 10, "n": 100, "alpha": 0.001, "seed": 0, "num_images": n_img}))
+    (cdir / "summary.json").write_text(json.dumps(summarize_dir(cdir)))
+    (d / "noise_profile").mkdir()
+    (d / "noise_profile" / "noise_profile.json").write_text(json.dumps(
+        {"accuracy": {"0": 0.9, "0.25": 0.6, "0.5": 0.4}, "n": n_img}))
+
+
+@pytest.fixture
+def grid(tmp_path, monkeypatch):
+    """A two-run grid whose results exist in a run directory; 200 images; 'good' certifies 60%, 'bad' 20%."""
+    from smoothtransfer.experiments import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_check_data", lambda exp: None)  # no datasets needed: nothing trains
+
+    def make(tables: list[dict]):
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(_spec(tables), allow_unicode=True))
+        return load_experiment(str(path), "cpu-small", out=tmp_path / "runs", results_dir=tmp_path / "results")
+
+    rng = np.random.default_rng(0)
+    good = rng.random(200) < 0.6
+    bad = good & (rng.random(200) < 0.33)  # a subset of good's images: strongly paired
+    _fake_run(tmp_path / "runs", "good", good, np.full(200, 0.4))
+    _fake_run(tmp_path / "runs", "bad", bad, np.full(200, 0.4))
+    return make
+
+
+def _table(**kw) -> dict:
+    t = {"id": "t1", "title": "T1", "columns": ["base", "base_noisy", "clean", "cert:0.25", "cert:0.5"],
+         "rows": [{"run": "good", "sigma": 0.25}, {"run": "bad", "sigma": 0.25}]}
+    t.update(kw)
+    return t
+
+
+def test_cells_carry_intervals_and_base_accuracy(grid):
+    exp = grid([_table()])
+    text = render_tables(exp, collect(exp))
+    row = next(line for line in text.splitlines() if line.startswith("| good model"))
+    # base clean accuracy 90% of 200 images with its Clopper-Pearson interval; smoothed clean distinct
+    assert "| 90.0 [85.0, 93.8] |" in row and "| 60.0 [" in row
+    assert "base clean acc." in text and "smoothed clean" in text
+    assert "Clopper-Pearson" in text
+
+
+def test_paper_rows_and_settings(grid, tmp_path):
+    exp = grid([_table(paper={"source": "Qiu et al., Table 1", "rows": [
+        {"label": "Mixed → Clean", "values": {"base": 98.0, "cert:0.25": 71.4}}]})])
+    results = collect(exp)
+    text = render_tables(exp, results)
+    assert "| _paper: Mixed → Clean_ | – | 98.0 | – | – | 71.4 | – |" in text
+    assert "Qiu et al., Table 1" in text
+    update_results_md(tmp_path / "RESULTS.md", exp, results)
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "Paper settings that differ from ours: ResNet-152" in md and "Test CPU (2 cores)" in md
+
+
+def test_verdicts_are_computed_from_paired_intervals(grid):
+    claims = [
+        {"claim": "good beats bad", "a": {"run": "good", "sigma": 0.25}, "b": {"run": "bad", "sigma": 0.25},
+         "metric": "cert:0.25", "expect": ">", "paper": "71.4 vs 10.1"},
+        {"claim": "bad beats good", "a": {"run": "bad", "sigma": 0.25}, "b": {"run": "good", "sigma": 0.25},
+         "metric": "cert:0.25", "expect": ">"},
+        {"claim": "good equals itself", "a": {"run": "good", "sigma": 0.25}, "b": {"run": "good", "sigma": 0.5},
+         "metric": "clean", "expect": "≈", "margin": 5},
+        {"claim": "a radius nobody certifies", "a": {"run": "good", "sigma": 0.25},
+         "b": {"run": "bad", "sigma": 0.25}, "metric": "cert:0.5", "expect": ">"},
+    ]
+    exp = grid([_table(claims=claims)])
+    text = render_tables(exp, collect(exp))
+    lines = [ln for ln in text.splitlines() if ln.startswith("- **")]
+    assert lines[0].startswith(f"- **{REPRODUCED}** — good beats bad") and "paper: 71.4 vs 10.1" in lines[0]
+    assert lines[1].startswith(f"- **{CONTRADICTED}** — bad beats good")
+    assert lines[2].startswith(f"- **{REPRODUCED}** — good equals itself")
+    assert lines[3].startswith(f"- **{UNRESOLVED}**")  # radius 0.4 < 0.5: both 0%
+
+
+def test_best_over_sigma_view(grid):
+    exp = grid([_table(best_over_sigma=True, columns=["base", "cert:0.25", "cert:0.75"],
+                       rows=[{"run": "good"}])])
+    text = render_tables(exp, collect(exp))
+    # the σ=0.5 curve has radii 0.8 (scaled in the fixture), so it is the best at 0.75
+    assert "@0.5" in text and BEST_NOTE in text
+
+
+def test_store_reuses_complete_runs_without_their_run_directories(grid, tmp_path):
+    exp = grid([_table()])
+    assert sorted(r.id for r in plan(exp)) == ["bad", "good"]  # nothing stored yet
+    for run in exp.runs.values():
+        store.export_run(exp, run)
+    assert plan(exp) == []
+    before = render_tables(exp, collect(exp))
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: only the committed store is left
+    assert plan(exp) == []
+    assert render_tables(exp, collect(exp)) == before
+    stored = {p.relative_to(tmp_path / "results").as_posix() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    assert "tiny/cpu-small/good/certify/sigma_0.25.tsv" in stored and not any(p.endswith(".pt") for p in stored)
+    # other settings: the stored results no longer count as complete
+    settings = tmp_path / "results" / "tiny" / "cpu-small" / "good" / "settings.json"
+    s = json.loads(settings.read_text())
+    s["evaluate"]["certify"]["n"] = 1000
+    settings.write_text(json.dumps(s))
+    assert [r.id for r in plan(exp)] == ["good"]
+
+
+def test_bad_claims_are_refused(grid):
+    with pytest.raises(UserError, match="unknown run 'nope'"):
+        grid([_table(claims=[{"claim": "x", "a": {"run": "nope"}, "b": {"run": "bad"}}])])
+    with pytest.raises(UserError, match="needs margin"):
+        grid([_table(claims=[{"claim": "x", "a": {"run": "good"}, "b": {"run": "bad"}, "expect": "≈"}])])
+    with pytest.raises(UserError, match="unknown table column"):
+        grid([_table(columns=["bogus"])])
