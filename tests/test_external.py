@@ -489,3 +489,23 @@ def test_certify_cli_with_models_trained_elsewhere(tmp_path, monkeypatch, capsys
     assert _certify([*runs["cohen"], *common]) == 0
     with pytest.raises(UserError, match="smoothadv-center:sha256"):
         _certify(["--checkpoint", "smoothadv-center:noise_0.25/checkpoint.pth.tar", "--out", str(out), *common])
+
+
+def test_noise_profile_cli_with_a_reference_checkpoint(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from smoothtransfer.commands import noise_profile
+
+    monkeypatch.setenv("SMOOTHTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data = _imagefolder(tmp_path / "data")
+    ref = randomize(RefCifarResNet(20, num_classes=2))
+    torch.save({"net": ref.state_dict(), "epoch": 3}, tmp_path / "3.pth")
+    p = argparse.ArgumentParser()
+    noise_profile.add_arguments(p)
+    args = p.parse_args(["--checkpoint", "macer:3.pth", "--dataset", data, "--sigmas", "0", "0.25", "--device", "cpu",
+                         "--max", "2"])
+    assert noise_profile.run(args) == 0
+    out = next((tmp_path / "runs" / "noise_profile").iterdir())
+    assert out.name.startswith("macer-") and json.loads(next(out.glob("*.json")).read_text())

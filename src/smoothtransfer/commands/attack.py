@@ -36,7 +36,9 @@ DEFAULT_STEPS = {"apgd-l2": 100, "pgd-l2": 20, "smoothed-pgd": 20, "certificate-
 def add_data_arguments(p: argparse.ArgumentParser, *, batch_default: int) -> None:
     """Checkpoint, dataset and image-selection flags shared by ``attack`` and ``noise-profile``."""
     p.add_argument(
-        "--checkpoint", required=True, help="classifier checkpoint (.pt) saved by pretrain/finetune"
+        "--checkpoint", required=True,
+        help="classifier checkpoint (.pt) saved by pretrain/finetune, or cohen:FILE, macer:FILE, hf-hub:ORG/NAME, "
+             "local-dir:DIR, ... (models trained elsewhere; see certify --help)"
     )
     p.add_argument(
         "--dataset",
@@ -74,7 +76,10 @@ def output_path(args: argparse.Namespace, command: str, filename: str) -> Path:
     if args.out:
         out = Path(args.out)
     else:
-        ck = Path(args.checkpoint)
+        from smoothtransfer.models.external import parse_source
+
+        src = parse_source(args.checkpoint)  # cohen:FILE, hf-hub:ORG/NAME, ...: named after format and file
+        ck = Path(src.run_name if src else args.checkpoint)
         stem = (
             ck.stem
             if ck.stem not in ("checkpoint", "best", "last", "model", "final")
@@ -114,8 +119,10 @@ def load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from smoothtransfer.train.checkpoint import load_classifier
     from smoothtransfer.utils import resolve_device
 
+    from smoothtransfer.models.external import parse_source
+
     device = resolve_device(args.device)
-    if not Path(args.checkpoint).exists():
+    if parse_source(args.checkpoint) is None and not Path(args.checkpoint).exists():  # cohen:FILE, hf-hub:...
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
     model, ckpt = load_classifier(args.checkpoint, device=device)
     _check_head_trained(ckpt, args.checkpoint)
@@ -136,7 +143,7 @@ def load_inputs(args: argparse.Namespace) -> dict[str, Any]:
         int(spec.get("input_size", shape[1])),
         int(spec.get("input_size", shape[2])),
     )
-    if shape != want:
+    if shape != want and not (spec.get("resizes_input") and shape[0] == want[0]):  # timm: resizes any size
         raise UserError(
             f"dataset {args.dataset} has {'x'.join(map(str, shape))} images but the checkpoint's "
             f"model takes {'x'.join(map(str, want))}"
@@ -160,7 +167,8 @@ def run_info(args: argparse.Namespace) -> dict[str, Any]:
     from smoothtransfer.utils import environment_info, git_revision
 
     return {
-        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "checkpoint": args.checkpoint if ":" in args.checkpoint and not Path(args.checkpoint).exists()
+        else str(Path(args.checkpoint).resolve()),
         "dataset": args.dataset,
         "split": args.split,
         "skip": args.skip,
