@@ -179,7 +179,7 @@ def _print_summary(title: str, s: dict) -> None:
 def check_live(recs: list[dict], k: int, grid: list[float], args: argparse.Namespace) -> None:
     """Re-run certify_full and certify_sequential live under each image's seed; they must equal the replay."""
     model, dataset, device = _W["model"], _W["dataset"], _W["device"]
-    smooth = Smooth(model, _W["num_classes"], args.sigma)
+    smooth = Smooth(model, _W["num_classes"], args.sigma, fast=False)  # the recorded votes are float32
     for rec in recs[:k]:
         idx = int(rec["idx"])
         x = torch.as_tensor(dataset[idx][0], dtype=torch.float32).to(device)

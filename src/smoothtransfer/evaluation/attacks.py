@@ -515,7 +515,7 @@ def robust_accuracy(
             raise UserError("smoothed-pgd needs num_classes (the model has no spec)")
         from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
 
-        smooth = Smooth(model, k, sigma)
+        smooth = Smooth(model, k, sigma, fast=False)  # the float32 model the attack differentiates
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(seed)
         t_steps = 20 if steps is None else steps
@@ -609,7 +609,8 @@ def certificate_check(
     if k is None:
         raise UserError("certificate_check needs num_classes (the model has no spec and the dataset no info)")
     device = _device_of(model)
-    smooth = (smooth_factory or Smooth)(model, k, sigma)
+    # fast=False by default: certify and predict the float32 model the attack differentiates
+    smooth = smooth_factory(model, k, sigma) if smooth_factory else Smooth(model, k, sigma, fast=False)
     idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     counts = {"images": 0, "certified": 0, "checked": 0, "violations": 0, "abstained": 0}
     rows: list[dict[str, Any]] = []

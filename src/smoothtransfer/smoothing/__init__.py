@@ -1,10 +1,12 @@
 """Randomized-smoothing certification (Cohen, Rosenfeld & Kolter 2019).
 
-``Smooth(base_classifier, num_classes, sigma).certify(x, n0, n, alpha, batch_size)`` returns ``(class,
-radius)`` or ``(ABSTAIN, 0.0)``; :func:`certify_sequential` saves samples on a grid of radii with an
-anytime-valid bound; ``stats`` holds the pure Clopper-Pearson / binomial-test / radius functions.
+``Smooth(base_classifier, num_classes, sigma).certify(x, n0, n, alpha)`` returns ``(class, radius)`` or
+``(ABSTAIN, 0.0)``, with the CLI's speed-ups applied to the base classifier (:func:`prepare`, ``fast=True``);
+:func:`certify_sequential` saves samples on a grid of radii with an anytime-valid bound; ``stats`` holds the
+pure Clopper-Pearson / binomial-test / radius functions.
 """
 
+from smoothtransfer.smoothing.fast import FastClassifier, cpu_has_amx_bf16, prepare, resolve_amp
 from smoothtransfer.smoothing.sampling import (
     auto_batch_size,
     compile_for_inference,
@@ -27,6 +29,7 @@ from smoothtransfer.smoothing.stats import (
 __all__ = [
     "ABSTAIN",
     "Certificate",
+    "FastClassifier",
     "SequentialCertificate",
     "Smooth",
     "auto_batch_size",
@@ -37,9 +40,12 @@ __all__ = [
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "compile_for_inference",
+    "cpu_has_amx_bf16",
     "default_batch_size",
     "max_certifiable_radius",
+    "prepare",
     "prepare_for_inference",
+    "resolve_amp",
     "sample_counts",
     "sample_counts_multi",
     "stage_sizes",

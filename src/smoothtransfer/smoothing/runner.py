@@ -516,7 +516,9 @@ def _run(
         }
         atomic_write_json(job.sidecar, sidecar)
 
-        smooth = Smooth(_base_for_sigma(model, sigma, device), num_classes, sigma, amp_dtype=amp_dtype)
+        # fast=False: the command already prepared the classifier (layout, batch size, compile) and --amp is
+        # explicit; a denoiser inside the base classifier keeps its own layout.
+        smooth = Smooth(_base_for_sigma(model, sigma, device), num_classes, sigma, amp_dtype=amp_dtype, fast=False)
         engine = _Engine(mode, smooth, dataset, device, seed, n0, n, alpha, batch_size, certify_fn)
         n_correct = sum(int(r[columns.index("correct")]) for r in job.done)
         n_rows = len(job.done)

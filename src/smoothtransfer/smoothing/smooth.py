@@ -12,6 +12,12 @@ Robustness via Randomized Smoothing", Algorithm/Section 3.2:
   counts has p-value ``> alpha``; it returns a wrong (non-abstain) answer with probability ``<= alpha``.
 
 Each call performs exactly one device-to-host transfer (the final counts), whatever ``n`` and the batch size.
+
+By default (``fast=True``) the base classifier is wrapped by :func:`smoothtransfer.smoothing.fast.prepare`:
+channels_last weights, cache-sized micro-batches on CPUs, bf16 autocast where the hardware has bf16 matrix
+units (``amp_dtype="auto"``), the same speed-ups as ``smoothtransfer certify``; ``batch_size`` may be left out
+(None: chosen for the device). Noise is still drawn and added in float32; the cast is part of the base
+classifier, so certificates are as sound as in float32, for the (possibly bf16) base classifier.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 from torch import nn
 
 from smoothtransfer.errors import UserError
-from smoothtransfer.smoothing.sampling import eval_mode, sample_counts, sample_counts_multi
+from smoothtransfer.smoothing.fast import AMP_AUTO, FastClassifier, prepare, resolve_amp
+from smoothtransfer.smoothing.sampling import auto_batch_size, eval_mode, sample_counts, sample_counts_multi
 from smoothtransfer.smoothing.stats import binom_pvalue, certified_radius, clopper_pearson_lower
 
 __all__ = ["ABSTAIN", "Certificate", "Smooth"]
@@ -106,12 +113,19 @@ class Smooth:
             eval mode during every call and its train/eval flags are restored afterwards.
         num_classes: number of classes ``K`` (>= 2).
         sigma: noise standard deviation in [0,1] pixel units (> 0).
-        amp_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the base classifier under autocast; the
-            noisy input is still formed in float32 and the cast is part of the base classifier (rule 6).
+        amp_dtype: ``"auto"`` (default: bf16 where the device has bf16 matrix units, i.e. CPUs with AMX-BF16
+            and CUDA devices, else float32; float32 with ``fast=False``), ``torch.bfloat16``/``torch.float16``
+            to run the base classifier under autocast, or None / ``torch.float32`` for float32, the same
+            results on every machine. The noisy input is formed in float32 either way and the cast is part
+            of the base classifier (rule 6).
+        fast: wrap the base classifier with :func:`smoothtransfer.smoothing.fast.prepare` (channels_last
+            weights, in place; cache-sized micro-batches on CPUs; the autocast above). ``False`` runs the
+            module exactly as given. :attr:`base_classifier` is then the wrapper; a base classifier that
+            already is one (``prepare(model, compile=True)``) is used as it is.
     """
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, *,
-                 amp_dtype: torch.dtype | None = None) -> None:
+                 amp_dtype: torch.dtype | str | None = AMP_AUTO, fast: bool = True) -> None:
         if not isinstance(base_classifier, nn.Module):
             raise UserError(f"base_classifier must be a torch.nn.Module, got {type(base_classifier).__name__}")
         self.num_classes = _positive_int(num_classes, "num_classes")
@@ -125,14 +139,29 @@ class Smooth:
             raise UserError(f"sigma must be a positive number, got {sigma}")
         if sigma_too_small(self.sigma, "sigma"):
             raise UserError(sigma_too_small(self.sigma, "sigma"))
-        if amp_dtype is not None and amp_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise UserError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype}")
+        if not isinstance(fast, bool):
+            raise UserError(f"fast must be True or False, got {fast!r}")
+        if fast:
+            if isinstance(base_classifier, FastClassifier):
+                if amp_dtype != AMP_AUTO and resolve_amp(amp_dtype, "cpu") != base_classifier.amp_dtype:
+                    raise UserError(f"the prepared base classifier runs in {base_classifier.amp_dtype}, not "
+                                    f"{amp_dtype}; choose amp in prepare()")
+            else:
+                base_classifier = prepare(base_classifier, amp=amp_dtype)
+            # The wrapper casts inside its forward; sampling itself adds no autocast.
+            self.amp_dtype = base_classifier.amp_dtype
+            self._sampling_amp = None
+        else:
+            device = next(base_classifier.parameters(), torch.empty(0)).device
+            self.amp_dtype = None if amp_dtype == AMP_AUTO else resolve_amp(amp_dtype, device)
+            self._sampling_amp = self.amp_dtype
         self.base_classifier = base_classifier
-        self.amp_dtype = amp_dtype
+        self.fast = fast
+        self._batch_sizes: dict[tuple, int] = {}
 
     def __repr__(self) -> str:
         return (f"Smooth({type(self.base_classifier).__name__}, num_classes={self.num_classes}, "
-                f"sigma={self.sigma}, amp_dtype={self.amp_dtype})")
+                f"sigma={self.sigma}, amp_dtype={self.amp_dtype}, fast={self.fast})")
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _check_x(self, x: Any) -> torch.Tensor:
@@ -147,14 +176,26 @@ class Smooth:
             raise UserError(f"x is on {x.device} but the base classifier is on {param.device}; move one of them")
         return x
 
-    def _counts(self, x: torch.Tensor, num: int, batch_size: int,
+    def batch_size_for(self, shape: tuple[int, ...], device: torch.device | str) -> int:
+        """The samples per forward pass used when ``batch_size`` is None, for images ``shape = (C,H,W)``:
+        the CPU's cache-sized batch, or on CUDA the batch that fits half the free memory (measured once per
+        shape by :func:`~smoothtransfer.smoothing.sampling.auto_batch_size`)."""
+        key = (tuple(int(s) for s in shape), str(device))
+        if key not in self._batch_sizes:
+            self._batch_sizes[key] = auto_batch_size(self.base_classifier, key[0], device, self._sampling_amp)
+        return self._batch_sizes[key]
+
+    def _batch(self, batch_size: int | None, x: torch.Tensor) -> int:
+        return self.batch_size_for(tuple(x.shape[-3:]), x.device) if batch_size is None else batch_size
+
+    def _counts(self, x: torch.Tensor, num: int, batch_size: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
         """Vote counts ``(num_classes,)`` on ``x``'s device (no host sync)."""
-        return sample_counts(self.base_classifier, x, self.sigma, num, batch_size, self.num_classes,
-                             generator=generator, amp_dtype=self.amp_dtype)
+        return sample_counts(self.base_classifier, x, self.sigma, num, self._batch(batch_size, x), self.num_classes,
+                             generator=generator, amp_dtype=self._sampling_amp)
 
     # -- Cohen et al.'s algorithms -------------------------------------------------------------------------
-    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int | None = None,
                 generator: torch.Generator | None = None) -> int:
         """PREDICT: the top class of ``n`` noisy votes, or :data:`ABSTAIN` if it is not significant.
 
@@ -162,7 +203,8 @@ class Smooth:
             x: image ``(C,H,W)`` in [0,1], on the base classifier's device.
             n: number of noise samples.
             alpha: the probability of returning a class other than ``g(x)`` is at most ``alpha``.
-            batch_size: samples per forward pass.
+            batch_size: samples per forward pass (None: chosen for the device, see :meth:`batch_size_for`);
+                the answer does not depend on it under a seeded generator.
             generator: optional seeded ``torch.Generator`` on ``x``'s device type.
         """
         x = self._check_x(x)
@@ -176,7 +218,7 @@ class Smooth:
             return ABSTAIN
         return int(c_a)
 
-    def certify_full(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+    def certify_full(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int | None = None,
                      generator: torch.Generator | None = None) -> Certificate:
         """CERTIFY, returning a :class:`Certificate` with ``p_lower``, the vote count and all parameters.
 
@@ -185,7 +227,8 @@ class Smooth:
             n0: selection samples used only to choose ``c_A``.
             n: estimation samples, drawn afresh, used only to bound ``p_A``.
             alpha: failure probability of the certificate.
-            batch_size: samples per forward pass.
+            batch_size: samples per forward pass (None: chosen for the device, see :meth:`batch_size_for`);
+                the certificate does not depend on it under a seeded generator.
             generator: optional seeded ``torch.Generator`` on ``x``'s device type; both draws come from it
                 one after the other, so they are independent.
         """
@@ -205,7 +248,7 @@ class Smooth:
         return Certificate(int(c_a), float(certified_radius(self.sigma, p_lower)), p_lower, n_a, n0, n, alpha,
                            self.sigma)
 
-    def certify_batch(self, xs: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+    def certify_batch(self, xs: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int | None = None,
                       generators: torch.Generator | Sequence[torch.Generator] | None = None) -> list[Certificate]:
         """CERTIFY ``B`` images at once, their noisy copies packed into shared forward batches.
 
@@ -231,13 +274,14 @@ class Smooth:
         n0 = _positive_int(n0, "n0")
         n = _positive_int(n, "n")
         alpha = _check_alpha(alpha)
+        batch_size = self._batch(batch_size, xs[0])
         with eval_mode(self.base_classifier):
             counts_selection = sample_counts_multi(self.base_classifier, xs, self.sigma, n0, batch_size,
-                                                   self.num_classes, generators, self.amp_dtype)
+                                                   self.num_classes, generators, self._sampling_amp)
             c_a = counts_selection.argmax(dim=1)  # (B,), stays on the device
             # Fresh estimation draws (never the n0 votes): each image's stream continues after its n0 samples.
             counts_estimation = sample_counts_multi(self.base_classifier, xs, self.sigma, n, batch_size,
-                                                    self.num_classes, generators, self.amp_dtype)
+                                                    self.num_classes, generators, self._sampling_amp)
             n_a = counts_estimation.gather(1, c_a[:, None])[:, 0]
         c_a, n_a = torch.stack([c_a, n_a]).tolist()  # the one host sync
         p_lower = np.atleast_1d(clopper_pearson_lower(np.asarray(n_a, dtype=np.int64), n, alpha))
@@ -248,7 +292,7 @@ class Smooth:
             for c, k, p, r in zip(c_a, n_a, p_lower, radius)
         ]
 
-    def predict_batch(self, xs: torch.Tensor, n: int, alpha: float, batch_size: int,
+    def predict_batch(self, xs: torch.Tensor, n: int, alpha: float, batch_size: int | None = None,
                       generators: torch.Generator | Sequence[torch.Generator] | None = None) -> list[int]:
         """PREDICT ``B`` images ``(B,C,H,W)`` at once (packed batches); ``generators`` as in :meth:`certify_batch`.
 
@@ -260,22 +304,23 @@ class Smooth:
             self._check_x(x)
         n = _positive_int(n, "n")
         alpha = _check_alpha(alpha)
+        batch_size = self._batch(batch_size, xs[0])
         with eval_mode(self.base_classifier):
             counts = sample_counts_multi(self.base_classifier, xs, self.sigma, n, batch_size, self.num_classes,
-                                         generators, self.amp_dtype)
+                                         generators, self._sampling_amp)
         top2_counts, top2_idx = counts.topk(2, dim=1)
         out = []
         for (n_a, n_b), (c_a, _) in zip(top2_counts.tolist(), top2_idx.tolist()):  # one host sync
             out.append(ABSTAIN if binom_pvalue(n_a, n_a + n_b, 0.5) > alpha else int(c_a))
         return out
 
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int | None = None,
                 generator: torch.Generator | None = None) -> tuple[int, float]:
         """CERTIFY: ``(c_A, radius)``, or ``(ABSTAIN, 0.0)``. See :meth:`certify_full`."""
         cert = self.certify_full(x, n0, n, alpha, batch_size, generator)
         return cert.prediction, cert.radius
 
-    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int | None,
                            radii, generator: torch.Generator | None = None, **kwargs):
         """Sample-saving certification on a grid of radii; see :func:`smoothing.sequential.certify_sequential`."""
         from smoothtransfer.smoothing.sequential import certify_sequential
