@@ -509,3 +509,13 @@ def test_noise_profile_cli_with_a_reference_checkpoint(tmp_path, monkeypatch):
     assert noise_profile.run(args) == 0
     out = next((tmp_path / "runs" / "noise_profile").iterdir())
     assert out.name.startswith("macer-") and json.loads(next(out.glob("*.json")).read_text())
+
+
+def test_plain_path_to_a_reference_checkpoint_names_the_prefix(tmp_path):
+    ref = randomize(ref_architecture("cifar_resnet20", "cifar10"))
+    torch.save({"arch": "cifar_resnet20", "state_dict": ref.state_dict()}, tmp_path / "c.pth.tar")
+    torch.save({"net": ref[1].state_dict(), "epoch": 1}, tmp_path / "m.pth")
+    with pytest.raises(UserError, match=f"pass cohen:{tmp_path / 'c.pth.tar'}"):
+        load_classifier(tmp_path / "c.pth.tar")
+    with pytest.raises(UserError, match=f"pass macer:{tmp_path / 'm.pth'}"):
+        load_classifier(tmp_path / "m.pth")

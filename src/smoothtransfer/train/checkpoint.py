@@ -192,8 +192,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             what = "a plain state_dict"
         else:
             what = f"a dict with keys {sorted(map(str, ckpt))[:6]}"
+        hint = ""
+        if "arch" in ckpt and "state_dict" in ckpt:  # locuslab/smoothing and the repositories reusing it
+            hint = f"; if Cohen et al.'s code (or SmoothAdv, Consistency, CAT-RS) saved it, pass cohen:{p}"
+        elif "net" in ckpt:
+            hint = f"; if MACER's code saved it, pass macer:{p}"
         raise UserError(f"{p} is not a smoothtransfer checkpoint (it holds {what} without the "
-                        f"'{FORMAT}' marker)")
+                        f"'{FORMAT}' marker){hint}")
     version = ckpt.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise UserError(f"{p} has an invalid checkpoint version {version!r}")
