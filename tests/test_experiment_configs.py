@@ -92,7 +92,13 @@ def test_grid_loads(name, scale, data_root, tmp_path):
             run = exp.runs[row["run"]]
             where = f"table {table.get('id')} row {row['run']}"
             for col in columns:
-                if col in ("sa", "ra"):
+                if col in ("base", "base_noisy"):
+                    # the base classifier on the certified images: at σ=0, and at the row's σ
+                    assert "noise_profile" in run.evaluate, where
+                    sigmas = [float(s) for s in run.evaluate["noise_profile"].get("sigmas", [])]
+                    want = 0.0 if col == "base" else float(row.get("sigma", 0.25))
+                    assert any(abs(s - want) < 1e-12 for s in sigmas), f"{where}: {col}"
+                elif col in ("sa", "ra"):
                     assert "attack" in run.evaluate, where
                 elif col.startswith("noise:"):
                     assert "noise_profile" in run.evaluate, where
@@ -105,9 +111,19 @@ def test_grid_loads(name, scale, data_root, tmp_path):
                         f"{where}: σ={row.get('sigma')} is not certified (certify sigmas {sigmas})"
                 else:
                     raise AssertionError(f"{where}: unknown column {col!r}")
-        for prow in table.get("paper_rows") or []:
+        # the paper's numbers are data in the table's own columns, with their source
+        paper = table.get("paper") or {}
+        if paper:
+            assert paper.get("source"), table.get("id")
+        for prow in paper.get("rows") or []:
             assert prow.get("label"), table.get("id")
-            assert len(prow["cells"]) == len(columns), f"table {table.get('id')} paper row {prow['label']}"
+            assert set(prow.get("values") or {}) <= set(columns), f"table {table.get('id')} paper row {prow['label']}"
+        # a claim compares two certified rows of this grid at a σ each certifies
+        for claim in table.get("claims") or []:
+            for side in ("a", "b"):
+                run = exp.runs[claim[side]["run"]]
+                sigmas = [float(s) for s in run.evaluate["certify"]["sigmas"]]
+                assert float(claim[side].get("sigma", 0.25)) in sigmas, (table.get("id"), claim["claim"])
 
 
 @pytest.mark.parametrize("name", sorted({n for n, _ in GRIDS}))

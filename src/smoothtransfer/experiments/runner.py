@@ -53,11 +53,18 @@ def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = Non
     cmd = {"certify": "certify", "attack": "attack", "noise_profile": "noise-profile"}[kind]
     settings_file = out / "experiment_settings.json"
     settings = {"checkpoint": str(ckpt), **e}
+    replace_old = False
     if kind in RESULT_FILES and (out / RESULT_FILES[kind]).exists():
         if settings_file.exists() and json.loads(settings_file.read_text()) == json.loads(json.dumps(settings)):
             return 0
-        raise UserError(f"{out} holds {kind} results for other settings; remove it or use another --out")
+        if kind != "noise_profile":
+            raise UserError(f"{out} holds {kind} results for other settings; remove it or use another --out")
+        # a noise profile takes seconds and is seeded: one for other σ (the grid now certifies more σ) is
+        # recomputed rather than refused
+        replace_old = True
     argv = [cmd, *_eval_argv(kind, ckpt, out, e, device, progress)]
+    if replace_old:
+        argv.append("--overwrite")
     if not progress and kind != "noise_profile":
         argv.append("--no-progress")
     rc = _run_command(argv)

@@ -261,8 +261,11 @@ def _restrict_tables(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
     for t in tables:
         rows = [r for r in t.get("rows", []) if r["run"] in runs]
         claims = [c for c in t.get("claims", []) or [] if c["a"]["run"] in runs and c["b"]["run"] in runs]
+        paper = dict(t.get("paper") or {})
+        if paper.get("rows"):  # a paper row tied to one of our runs goes with it
+            paper["rows"] = [p for p in paper["rows"] if p.get("run") is None or p["run"] in runs]
         if rows:
-            out.append(dict(t, rows=rows, claims=claims))
+            out.append(dict(t, rows=rows, claims=claims, **({"paper": paper} if paper else {})))
     return out
 
 
