@@ -175,8 +175,14 @@ def test_ftcadis_settings(data_root, tmp_path):
         assert ft.evaluate["certify"]["sigmas"] == [sigma]
         ce = runs[f"ce-{tag}"].train.objective.params
         assert ce["use_nh"] is False and ce["lbd"] == 0
-    assert runs["ftcadis-s050-nonh"].train.objective.params["use_nh"] is False
-    assert runs["ftcadis-s050-nomask"].train.objective.params["use_mask"] is False
+        assert ft.train.objective.params["epsilon"] == 0.125  # the reference code's effective radius
+    # Table 3's ablations at σ = 1.0, as in the paper
+    for rid, key in [("ftcadis-s100-nonh", "use_nh"), ("ftcadis-s100-nomask", "use_mask")]:
+        params = runs[rid].train.objective.params
+        assert params[key] is False and params["sigma"] == 1.0 and params["lbd"] == 4.0
+        assert runs[rid].evaluate["certify"]["sigmas"] == [1.0]
+    table3 = next(t for t in exp.tables if t["id"] == "table3")
+    assert {row["sigma"] for row in table3["rows"]} == {1.0}
 
 
 def _tiny_spec(table: dict) -> dict:

@@ -236,6 +236,43 @@ def test_constructor_validation():
         FTCADISObjective(DiffusionDenoiser(Unet(), create_ddpm_scheduler()), sigma=100.0)
 
 
+def test_epsilon_default_and_doubling_after_10_epochs_at_sigma_1():
+    d = FixedDenoiser(torch.zeros(1))
+    # the reference code's effective radius: --eps 64 / 256 on [-1,1] images = 0.125 in [0,1] pixels
+    assert FTCADISObjective(d, sigma=0.5).epsilon == 0.125
+    s100, s050 = FTCADISObjective(d, sigma=1.0), FTCADISObjective(d, sigma=0.5)
+    assert s100.eps_double_epoch == 10 and s050.eps_double_epoch is None
+    assert s100.current_epsilon == 0.125  # before the trainer calls set_epoch
+    for epoch, want in [(0, 0.125), (9, 0.125), (10, 0.25), (29, 0.25)]:
+        s100.set_epoch(epoch)
+        s050.set_epoch(epoch)
+        assert s100.current_epsilon == want, epoch
+        assert s050.current_epsilon == 0.125, epoch  # σ = 0.5: never doubled
+    never = FTCADISObjective(d, sigma=1.0, eps_double_epoch=None)
+    early = FTCADISObjective(d, sigma=0.25, epsilon=0.2, eps_double_epoch=2)
+    never.set_epoch(20)
+    early.set_epoch(2)
+    assert never.current_epsilon == 0.125 and early.current_epsilon == 0.4
+    assert build_objective("ftcadis", denoiser=d, sigma=1.0, eps_double_epoch=3).eps_double_epoch == 3
+    for bad in (-1, 1.5, "always", True):
+        with pytest.raises(UserError, match="eps_double_epoch"):
+            FTCADISObjective(d, sigma=1.0, eps_double_epoch=bad)
+
+
+def test_pgd_uses_the_doubled_radius():
+    torch.manual_seed(0)
+    f = SmallNet().train()
+    obj = FTCADISObjective(FixedDenoiser(torch.zeros(1)), sigma=1.0, m=2, steps=4, epsilon=0.1)
+    x, eta0 = torch.rand(2, 3, 8, 8), 0.2 * torch.randn(2, 2, 3, 8, 8)
+    target = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    dist = {}
+    for epoch in (9, 10):
+        obj.set_epoch(epoch)
+        dist[epoch] = (obj.attack(f, x, eta0, target) - eta0).flatten(2).norm(dim=2)
+    assert (dist[9] <= 0.1 * (1 + 1e-5)).all() and (dist[10] <= 0.2 * (1 + 1e-5)).all()
+    assert (dist[10] > 0.1 * (1 + 1e-3)).any()  # step 2ε/T with the doubled ε leaves the old ball
+
+
 # ---------------------------------------------------------------------------------------------------- LoRA
 
 

@@ -327,6 +327,16 @@ def test_objective_trains_with_finite_loss(data, tmp_path, name):
         assert 0.0 <= record["val_acc"] <= 1.0
 
 
+def test_trainer_calls_objective_set_epoch_every_epoch(data, tmp_path, monkeypatch):
+    # the per-epoch hook that FT-CADIS (ε doubling) and SmoothAdv (ε warm-up) rely on
+    from smoothtransfer.objectives.base import OBJECTIVES
+
+    seen: list[int] = []
+    monkeypatch.setattr(OBJECTIVES.get("clean"), "set_epoch", lambda self, e: seen.append(e), raising=False)
+    run_training(make_cfg(data["up"], tmp_path, "objective.name=clean", "epochs=2", "data.max_train=8"))
+    assert seen == [0, 1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. CLI
 

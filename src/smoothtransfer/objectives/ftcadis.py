@@ -15,8 +15,13 @@ frozen denoiser ``D`` (the one-shot diffusion denoiser of Carlini et al. 2023, o
 * ``L = L_SCE + λ·L_MAdv``, averaged over the batch.
 
 Notes on units and on the reference implementation:
-* ε is in [0,1] pixel units, like σ. The authors' code measures its ε (``--eps 64`` → 64/256 = 0.25) on
-  [-1,1]-scaled images, where 0.25 corresponds to 0.125 here; pass ``epsilon=0.125`` to match it exactly.
+* ε is in [0,1] pixel units, like σ. The paper states ε = 0.25, but the authors' code (``train.py``:
+  ``--eps 64``, divided by 256) applies it to [-1,1]-scaled images (the denoiser's range), where 0.25 is
+  0.125 in [0,1] pixels; the default ``epsilon=0.125`` is that effective radius.
+* ε doubles after 10 epochs at σ = 1.0 only (paper, App. on CIFAR-10 settings; the code's ``--eps_double
+  --warmup_eps 10``: the attack radius is 2ε from 0-based epoch 10 on). The trainer calls
+  :meth:`FTCADISObjective.set_epoch` at the start of every epoch; ``eps_double_epoch`` sets the epoch
+  ("auto": 10 when σ = 1.0, never otherwise; None: never). The PGD step stays 2ε_e/T.
 * The attack perturbs ``η`` directly, so no gradient ever needs to pass through ``D``: the denoiser runs under
   ``torch.no_grad`` here (its parameters are frozen in any case).
 * As in the reference code, the attack runs with the classifier in eval mode (BatchNorm statistics untouched)
@@ -39,6 +44,8 @@ from smoothtransfer.objectives.base import OBJECTIVES, Objective, ObjectiveOutpu
 
 # λ of the paper for σ = 0.25 / 0.5 / 1.0 is 1 / 2 / 4, i.e. λ = 4σ; used when lbd is None.
 _LBD_PER_SIGMA = 4.0
+# CIFAR-10, σ = 1.0: the attack radius doubles from this (0-based) epoch on (paper; code --warmup_eps 10)
+_EPS_DOUBLE_EPOCH = 10
 
 
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,10 @@ class FTCADISObjective(Objective):
         sigma: smoothing noise level in [0,1] pixel units.
         m: number of noisy copies M per image.
         steps: PGD steps T of the masked adversarial loss.
-        epsilon: L2 radius of the PGD ball around each η_i (pixel units, see the module notes).
+        epsilon: L2 radius of the PGD ball around each η_i in [0,1] pixel units (0.125 = the reference code's
+            effective radius, see the module notes).
+        eps_double_epoch: 0-based epoch from which the radius is 2·epsilon; "auto" → 10 at σ = 1.0 (the
+            paper's CIFAR-10 schedule), never at other σ; None → never.
         lbd: λ, the weight of L_MAdv; None → 4σ (the paper's 1/2/4 for σ = 0.25/0.5/1.0).
         use_mask: False → L_MAdv on every example (ablation "w/o mask", Table 3).
         use_nh: False → CE on all M denoised images (ablation "w/o non-hallucinated condition").
@@ -67,9 +77,9 @@ class FTCADISObjective(Objective):
     """
 
     def __init__(self, denoiser: nn.Module | str | os.PathLike | None = None, sigma: float = 0.25, m: int = 4,
-                 steps: int = 4, epsilon: float = 0.25, lbd: float | None = None, use_mask: bool = True,
+                 steps: int = 4, epsilon: float = 0.125, lbd: float | None = None, use_mask: bool = True,
                  use_nh: bool = True, warm_start: bool = True, detach_target: bool = False,
-                 match_noise_stats: bool = False) -> None:
+                 match_noise_stats: bool = False, eps_double_epoch: int | str | None = "auto") -> None:
         super().__init__()
         if denoiser is None:
             raise UserError("objective ftcadis needs a denoiser (a denoiser directory or module)")
@@ -88,6 +98,12 @@ class FTCADISObjective(Objective):
             raise UserError(f"ftcadis: steps must be an integer >= 0, got {steps}")
         if not math.isfinite(float(epsilon)) or epsilon < 0:
             raise UserError(f"ftcadis: epsilon must be >= 0, got {epsilon}")
+        if eps_double_epoch == "auto":
+            eps_double_epoch = _EPS_DOUBLE_EPOCH if math.isclose(sigma, 1.0) else None
+        elif eps_double_epoch is not None and (isinstance(eps_double_epoch, bool) or not isinstance(
+                eps_double_epoch, int) or eps_double_epoch < 0):
+            raise UserError(f"ftcadis: eps_double_epoch must be 'auto', null or an epoch >= 0, got "
+                            f"{eps_double_epoch!r}")
         lbd = _LBD_PER_SIGMA * sigma if lbd is None else float(lbd)
         if not math.isfinite(lbd) or lbd < 0:
             raise UserError(f"ftcadis: lbd must be >= 0, got {lbd}")
@@ -98,10 +114,24 @@ class FTCADISObjective(Objective):
         self.sigma, self.m, self.steps, self.epsilon, self.lbd = sigma, int(m), int(steps), float(epsilon), lbd
         self.use_mask, self.use_nh, self.warm_start = bool(use_mask), bool(use_nh), bool(warm_start)
         self.detach_target, self.match_noise_stats = bool(detach_target), bool(match_noise_stats)
+        self.eps_double_epoch: int | None = eps_double_epoch
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of each (0-based) epoch; drives the ε doubling."""
+        self.epoch = int(epoch)
+
+    @property
+    def current_epsilon(self) -> float:
+        """2ε from epoch ``eps_double_epoch`` on, else ε (also before any :meth:`set_epoch` call)."""
+        if self.eps_double_epoch is not None and self.epoch is not None and self.epoch >= self.eps_double_epoch:
+            return 2.0 * self.epsilon
+        return self.epsilon
 
     def extra_repr(self) -> str:
-        return (f"sigma={self.sigma}, m={self.m}, steps={self.steps}, epsilon={self.epsilon}, lbd={self.lbd}, "
-                f"use_mask={self.use_mask}, use_nh={self.use_nh}, warm_start={self.warm_start}")
+        return (f"sigma={self.sigma}, m={self.m}, steps={self.steps}, epsilon={self.epsilon}, "
+                f"eps_double_epoch={self.eps_double_epoch}, lbd={self.lbd}, use_mask={self.use_mask}, "
+                f"use_nh={self.use_nh}, warm_start={self.warm_start}")
 
     # ------------------------------------------------------------------------------------------------
 
@@ -125,16 +155,18 @@ class FTCADISObjective(Objective):
 
         ``x``: ``(A,C,H,W)``; ``eta0``: ``(M,A,C,H,W)`` = x̂_i − x; ``target``: ``(A,K)`` = ŷ (a constant).
         Maximises ``Σ_i KL(ŷ ‖ softmax f(x + η_i))`` for ``steps`` steps of size ``2ε/T`` along the per-copy
-        normalised gradient, projecting each ``η_i`` onto ``‖η − η_i‖₂ ≤ ε``. Returns ``η*`` ``(M,A,C,H,W)``,
+        normalised gradient, projecting each ``η_i`` onto ``‖η − η_i‖₂ ≤ ε`` (ε = :attr:`current_epsilon`,
+        doubled after ``eps_double_epoch``). Returns ``η*`` ``(M,A,C,H,W)``,
         detached. The classifier runs in eval mode with frozen parameters and is restored afterwards.
         """
         m, a = eta0.shape[:2]
         eta0 = eta0.detach()
-        if self.steps == 0 or self.epsilon == 0 or a == 0:
+        eps = self.current_epsilon
+        if self.steps == 0 or eps == 0 or a == 0:
             return eta0.clone()
         target = target.detach().float().unsqueeze(0).expand(m, *target.shape).reshape(m * a, -1)
         xr = x.detach().unsqueeze(0)
-        alpha = 2.0 * self.epsilon / self.steps
+        alpha = 2.0 * eps / self.steps
         if self.match_noise_stats:
             flat0 = eta0.flatten(2)
             mu0 = flat0.mean(-1).view(m, a, 1, 1, 1)
@@ -156,7 +188,7 @@ class FTCADISObjective(Objective):
                 grad = (grad / (_per_sample_norm(grad) + 1e-12)).view_as(eta)
                 diff = (eta.detach() + alpha * grad) - eta0
                 dflat = diff.reshape(m * a, *x.shape[1:])
-                scale = (self.epsilon / (_per_sample_norm(dflat) + 1e-12)).clamp(max=1.0)
+                scale = (eps / (_per_sample_norm(dflat) + 1e-12)).clamp(max=1.0)
                 eta = eta0 + (dflat * scale).view_as(eta0)
                 if self.match_noise_stats:
                     flat = eta.flatten(2)
