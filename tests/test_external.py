@@ -519,3 +519,37 @@ def test_plain_path_to_a_reference_checkpoint_names_the_prefix(tmp_path):
         load_classifier(tmp_path / "c.pth.tar")
     with pytest.raises(UserError, match=f"pass macer:{tmp_path / 'm.pth'}"):
         load_classifier(tmp_path / "m.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_from_models_trained_elsewhere(tmp_path, monkeypatch):
+    """finetune --init cohen:FILE / local-dir:DIR: a fresh head for the downstream classes, the rest theirs."""
+    from timm.models import save_for_hf
+
+    from smoothtransfer.config import load_train_config
+    from smoothtransfer.train.loop import run_training
+
+    monkeypatch.setenv("SMOOTHTRANSFER_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "down"
+    _imagefolder(root, classes=("a", "b", "c"), n=4)
+    down = root / "train"
+    ref = randomize(ref_architecture("cifar_resnet20", "cifar10"))
+    torch.save({"arch": "cifar_resnet20", "state_dict": ref.state_dict()}, tmp_path / "cohen.pt")
+    tref = _timm_reference("test_resnet.r160_in1k", num_classes=7)
+    save_for_hf(tref, str(tmp_path / "hub"), safe_serialization=True)
+    base = ["batch_size=4", "eval_batch_size=16", "progress=false", "tensorboard=false", "device=cpu",
+            "data.val_fraction=0.25", "checkpoint_every=0", "optim.lr=0.01", "amp=none", "epochs=1", "stage=finetune",
+            f"data.dataset=imagefolder:{down}"]
+    for name, init, mode in (("cohen", f"cohen:{tmp_path / 'cohen.pt'}", "full"),
+                             ("hub", f"local-dir:{tmp_path / 'hub'}", "fixed")):
+        path = run_training(load_train_config(None, [*base, f"init={init}", f"mode={mode}", f"out={tmp_path / name}"]))
+        model, ckpt = load_classifier(path)
+        assert model.num_classes == 3 and ckpt["classes"] == ["a", "b", "c"]
+        if name == "hub":  # fixed features: every weight but the head is the hub model's
+            assert model.spec["arch"] == "timm" and model.spec["resizes_input"]
+            theirs = tref.state_dict()
+            for k, v in model.backbone.model.state_dict().items():
+                if not k.startswith("fc."):
+                    assert torch.equal(v, theirs[k]), k

@@ -11,7 +11,9 @@ HELP = "fine-tune a pre-trained checkpoint downstream (full, fixed features, hea
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
-    p.add_argument("--init", required=True, help="pre-trained checkpoint.pt to start from")
+    p.add_argument("--init", required=True,
+                   help="pre-trained checkpoint.pt to start from, or a model trained elsewhere: cohen:FILE, "
+                        "hf-hub:ORG/NAME, local-dir:DIR, ... (see certify --help)")
     p.add_argument("--mode", choices=["full", "fixed", "head", "lora"],
                    help="full network; fixed features (head only, norm statistics frozen); head (= fixed, "
                         "'last-layer fine-tuning'); LoRA adapters + head")

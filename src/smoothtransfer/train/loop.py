@@ -98,7 +98,15 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
                                   mean=tuple(info.mean), std=tuple(info.std), input_size=info.image_size,
                                   in_chans=info.channels, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
     else:
-        ckpt = load_checkpoint(cfg.init)
+        from smoothtransfer.models.external import parse_source
+
+        if parse_source(cfg.init) is not None:  # cohen:FILE, hf-hub:ORG/NAME, ...: a model trained elsewhere
+            from smoothtransfer.train.checkpoint import load_classifier
+
+            loaded, ckpt = load_classifier(cfg.init)
+            ckpt = {**ckpt, "state_dict": loaded.state_dict()}
+        else:
+            ckpt = load_checkpoint(cfg.init)
         spec = dict(ckpt["model_spec"])
         if cfg.model.arch is not None and cfg.model.arch != spec["arch"]:
             raise UserError(f"cannot fine-tune {cfg.init} (a {spec['arch']} checkpoint) as model '{cfg.model.arch}'")
@@ -116,7 +124,8 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
             # The upstream head is replaced by a fresh one for the downstream classes.
             model.reset_head(num_classes)
     spec = model.spec
-    if spec.get("input_size") not in (None, info.image_size) or spec.get("in_chans", 3) != info.channels:
+    resizes = spec.get("resizes_input")  # a timm classifier: resizes any input to its own size
+    if (spec.get("input_size") not in (None, info.image_size) and not resizes) or spec.get("in_chans", 3) != info.channels:
         raise UserError(f"model expects {spec.get('in_chans')}x{spec.get('input_size')} px images but "
                         f"{cfg.data.dataset} has {info.channels}x{info.image_size} px")
     head_params = {id(p) for p in model.head_parameters()}
