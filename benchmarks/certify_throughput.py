@@ -8,6 +8,13 @@ and a Python loop counting the votes. Ours: ``torch.inference_mode``, noise draw
 counted on the device (one host sync per image), ``channels_last`` model and inputs, and a batch size chosen
 for the device (CPU caches favour small batches).
 
+Rows: ``ours (CLI)`` is the path ``smoothtransfer certify`` takes (the command prepares the model; ``--amp``
+explicit, default float32). ``python API`` is what a library user writes, ``Smooth(model, K, sigma).certify(x,
+n0, n, alpha, 400)`` on an untouched copy of the model, with Cohen's batch size and every other setting left
+at its default (``fast=True``: channels_last, cache-sized micro-batches, bf16 where the CPU has AMX-BF16 or on
+CUDA; the header says which amp that chose); with ``--compile`` also ``Smooth(prepare(model, compile=True),
+...)``. The header names the processor.
+
 Usage::
 
     PYTHONPATH=src python benchmarks/certify_throughput.py                        # CPU defaults, ~2-3 min
@@ -70,6 +77,7 @@ import argparse
 import copy
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -84,7 +92,9 @@ from smoothtransfer.smoothing import (
     clopper_pearson_lower,
     compile_for_inference,
     default_batch_size,
+    prepare,
     prepare_for_inference,
+    resolve_amp,
 )
 from smoothtransfer.utils import resolve_device
 
@@ -145,10 +155,26 @@ class CohenSmooth:
 @dataclass
 class Variant:
     name: str
-    batch_size: int
+    batch_size: int | None
     channels_last: bool
     reference: bool = False
     compiled: bool = False
+    python_api: bool = False  # Smooth(model, K, sigma) with its defaults on an untouched copy of the model
+    key: str = ""  # for --variants: cohen, cli, cli+compile, py, py+compile, ablation
+
+
+def _test_images(args: argparse.Namespace, count: int, size: int, device: torch.device) -> torch.Tensor:
+    """``count`` images: random, or with ``--dataset`` spread evenly over its test split."""
+    if not args.dataset:
+        return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    from smoothtransfer.data.datasets import get_dataset
+
+    ds = get_dataset(args.dataset, "test", root=args.data_root)
+    idx = [round(i * len(ds) / count) for i in range(count)]
+    xs = torch.stack([torch.as_tensor(ds[i][0], dtype=torch.float32) for i in idx])
+    if tuple(xs.shape[1:]) != (3, size, size):
+        raise UserError(f"--dataset {args.dataset} has {tuple(xs.shape[1:])} images; the model takes 3x{size}x{size}")
+    return xs.to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -174,36 +200,59 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     images = args.images if args.images is not None else (cpu_images if on_cpu else 10)
     ours_bs = args.batch_size or default_batch_size(device, size)
 
-    variants = [Variant("cohen (ref)", 400, False, reference=True), Variant("ours", ours_bs, True)]
+    py_amp = resolve_amp("auto", device)
+    py_tag = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[py_amp]
+    py_bs = None if str(args.py_batch_size).lower() == "auto" else int(args.py_batch_size)
+    py_name = f"python API bs{py_bs or 'auto'} {py_tag}"
+    variants = [Variant("cohen (ref)", 400, False, reference=True, key="cohen"),
+                Variant("ours (CLI)", ours_bs, True, key="cli"),
+                Variant(py_name, py_bs, False, python_api=True, key="py")]
     if args.compile:
-        variants.append(Variant("ours+compile", ours_bs, True, compiled=True))
+        variants.append(Variant("ours (CLI)+compile", ours_bs, True, compiled=True, key="cli+compile"))
+        variants.append(Variant(f"{py_name}+compile", py_bs, False, compiled=True, python_api=True, key="py+compile"))
     if args.ablation:
-        variants += [Variant("ours bs400 NCHW", 400, False), Variant("ours bs400 NHWC", 400, True),
-                     Variant(f"ours bs{ours_bs} NCHW", ours_bs, False)]
+        variants += [Variant("ours bs400 NCHW", 400, False, key="ablation"),
+                     Variant("ours bs400 NHWC", 400, True, key="ablation"),
+                     Variant(f"ours bs{ours_bs} NCHW", ours_bs, False, key="ablation")]
+    if args.variants:
+        wanted = {k.strip() for k in args.variants.split(",")} | {"cohen"}  # the reference is every ratio's base
+        variants = [v for v in variants if v.key in wanted]
+    ref_images = min(images, args.ref_images or images)
     models = {}
     for v in variants:
-        key = (v.channels_last, v.compiled)
-        if key not in models:
+        key = (v.channels_last, v.compiled, v.python_api)
+        if key in models:
+            continue
+        if v.python_api:
+            # What a Python user writes: Smooth(model, K, sigma), or Smooth(prepare(model, compile=True), K, sigma)
+            m = copy.deepcopy(base)
+            models[key] = Smooth(prepare(m, compile=True) if v.compiled else m, args.num_classes, args.sigma)
+        else:
             m = prepare_for_inference(copy.deepcopy(base), channels_last=v.channels_last)
             models[key] = compile_for_inference(m) if v.compiled else m
-    xs = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    xs = _test_images(args, images, size, device)
 
     def certify(v: Variant, x: torch.Tensor, n0_: int, n_: int) -> tuple[int, float]:
-        model = models[(v.channels_last, v.compiled)]
+        model = models[(v.channels_last, v.compiled, v.python_api)]
         if v.reference:
             return CohenSmooth(model, args.num_classes, args.sigma).certify(x, n0_, n_, args.alpha, v.batch_size)
+        if v.python_api:
+            return model.certify(x, n0_, n_, args.alpha, v.batch_size)  # a Smooth with its defaults
+        # the CLI's path (smoothing.runner): a model prepared by the command, explicit --amp, fast=False
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-        return Smooth(model, args.num_classes, args.sigma, amp_dtype=amp).certify(x, n0_, n_, args.alpha,
-                                                                                    v.batch_size)
+        return Smooth(model, args.num_classes, args.sigma, amp_dtype=amp, fast=False).certify(
+            x, n0_, n_, args.alpha, v.batch_size)
 
     for v in variants:  # warm-up: oneDNN/cuDNN primitives (and compiled graphs) for the timed batch shapes
         # a compiled model sees every batch shape of a full run (full batch, n0 and n remainders) here
-        certify(v, xs[0], n0, n if v.compiled else min(n, v.batch_size))
+        certify(v, xs[0], n0, n if v.compiled else min(n, v.batch_size or 1000))
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     preds: dict[str, list[int]] = {v.name: [] for v in variants}
     for i in range(images):
         order = variants if i % 2 == 0 else variants[::-1]  # alternate so drifting load hits all alike
         for v in order:
+            if v.reference and i >= ref_images:
+                continue  # --ref-images: the (slow) reference certifies only the first images
             _sync(device)
             t0 = time.perf_counter()
             pred, _ = certify(v, xs[i], n0, n)
@@ -214,9 +263,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     out = {"model": name, "px": size, "n0": n0, "n": n, "images": images, "variants": {}}
     for v in variants:
         total = sum(times[v.name])
-        rate = per_image * images / total
-        out["variants"][v.name] = dict(batch_size=v.batch_size, channels_last=v.channels_last, samples_per_s=rate,
-                                       s_per_image_100k=(100_000 + 100) / rate, preds=preds[v.name])
+        rate = per_image * len(times[v.name]) / total
+        out["variants"][v.name] = dict(batch_size=v.batch_size or "auto", channels_last=v.channels_last,
+                                       samples_per_s=rate, s_per_image=total / len(times[v.name]),
+                                       s_per_image_100k=(100_000 + 100) / rate, images=len(times[v.name]),
+                                       key=v.key, preds=preds[v.name])
     return out
 
 
@@ -234,14 +285,33 @@ def _pool_init(barrier, warm_n: int) -> None:
     if _POOL["compile"]:
         model = _POOL["model"] = compile_for_inference(model)
     # warm-up (oneDNN primitives, compiled graphs for every batch shape), untimed
-    Smooth(model, a.num_classes, a.sigma).certify(xs[0], _POOL["n0"], warm_n, a.alpha, _POOL["bs"])
+    Smooth(model, a.num_classes, a.sigma, fast=False).certify(xs[0], _POOL["n0"], warm_n, a.alpha, _POOL["bs"])
     barrier.wait()
 
 
 def _pool_certify(i: int) -> int:
     a = _POOL["args"]
-    return Smooth(_POOL["model"], a.num_classes, a.sigma).certify(_POOL["xs"][i], _POOL["n0"], _POOL["n"], a.alpha,
-                                                                   _POOL["bs"])[0]
+    return Smooth(_POOL["model"], a.num_classes, a.sigma, fast=False).certify(
+        _POOL["xs"][i], _POOL["n0"], _POOL["n"], a.alpha, _POOL["bs"])[0]
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name and whether it has AMX-BF16 / AVX-512."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name, flags = platform.processor() or "unknown CPU", []
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    units = [u for u in ("amx_bf16", "avx512_bf16", "avx512f") if u in flags]
+    return f"{name}; {' '.join(units) or 'no AVX-512'}"
 
 
 def cpu_fma_peak(seconds: float = 1.0) -> float | None:
@@ -281,8 +351,10 @@ def model_flops(model: nn.Module, size: int) -> float:
 
 def run_machine(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """The whole CPU: Cohen's code as released (one process, torch's default threads = every core, batch 400)
-    vs ours (one single-threaded forked process per core, each certifying its own images: ``certify --workers``).
-    ABBA phases (ref, ours, ours, ref) so that drifting load hits both alike; rates = samples / wall time."""
+    vs ours (one single-threaded forked process per core, each certifying its own images: ``certify --workers``)
+    vs the Python API as a user calls it (``Smooth(model, K, sigma).certify(x, n0, n, alpha, 400)`` in this
+    process, every core as intra-op threads; with ``--compile`` on ``prepare(model, compile=True)``).
+    Mirrored phases (ref, ours, py, py, ours, ref) so that drifting load hits all alike; rates = samples / wall."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -312,14 +384,19 @@ def run_machine(name: str, args: argparse.Namespace, device: torch.device) -> di
         barrier.wait()
         torch.set_num_threads(cores)
         CohenSmooth(ref_model, args.num_classes, args.sigma).certify(xs[0], n0, min(n, 400), args.alpha, 400)
-        wall = {"cohen (ref)": 0.0, "ours": 0.0}
-        preds: dict[str, list[int]] = {"cohen (ref)": [], "ours": []}
-        for phase, kind in enumerate(["cohen (ref)", "ours", "ours", "cohen (ref)"]):
-            half = phase // 2  # both certify images A in phases 0-1 and images B in phases 2-3
+        py_base = copy.deepcopy(base)
+        py = Smooth(prepare(py_base, compile=True) if args.compile else py_base, args.num_classes, args.sigma)
+        py.certify(xs[0], n0, n if args.compile else min(n, 400), args.alpha, 400)  # warm-up (compiles)
+        wall = {"cohen (ref)": 0.0, "ours": 0.0, "py": 0.0}
+        preds: dict[str, list[int]] = {"cohen (ref)": [], "ours": [], "py": []}
+        for phase, kind in enumerate(["cohen (ref)", "ours", "py", "py", "ours", "cohen (ref)"]):
+            half = phase // 3  # each certifies images A in phases 0-2 and images B in phases 3-5
             idx = list(range(half * per_phase, (half + 1) * per_phase))
             t0 = time.perf_counter()
             if kind == "ours":
                 got = list(pool.map(_pool_certify, idx))
+            elif kind == "py":
+                got = [py.certify(xs[i], n0, n, args.alpha, 400)[0] for i in idx]
             else:
                 got = [CohenSmooth(ref_model, args.num_classes, args.sigma).certify(xs[i], n0, n, args.alpha, 400)[0]
                        for i in idx]
@@ -331,9 +408,12 @@ def run_machine(name: str, args: argparse.Namespace, device: torch.device) -> di
     samples = 2 * per_phase * (n0 + n)
     out = {"model": name, "px": size, "n0": n0, "n": n, "images": 2 * per_phase, "cores": cores,
            "flops_per_sample": model_flops(ref_model, size), "variants": {}}
+    py_tag = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[py.amp_dtype]
     for kind, label, bsz, threads in (("cohen (ref)", f"cohen (ref) {cores}thr", 400, f"{cores} threads"),
-                                      ("ours", f"ours {workers}proc x1thr" + ("+compile" if args.compile else ""),
-                                       bs, f"{workers} procs x 1 thread")):
+                                      ("ours", f"ours (CLI) {workers}proc x1thr" + ("+compile" if args.compile else ""),
+                                       bs, f"{workers} procs x 1 thread"),
+                                      ("py", f"python API {cores}thr {py_tag}" + ("+compile" if args.compile else ""),
+                                       400, f"{cores} threads")):
         rate = samples / wall[kind]
         out["variants"][label] = dict(batch_size=bsz, samples_per_s=rate, s_per_image_100k=(100_000 + 100) / rate,
                                       preds=preds[kind], threads=threads)
@@ -365,6 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak", action="store_true",
                    help="CPU: also measure the single-core fp32 FMA peak (fma_peak.c, needs a C compiler) and "
                         "print each rate as a fraction of it")
+    p.add_argument("--py-batch-size", default="400",
+                   help="batch size the python API rows pass to Smooth.certify: an integer (default 400, Cohen's), "
+                        "or auto (None: chosen for the device)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of cohen,cli,cli+compile,py,py+compile,ablation (cohen is always run)")
+    p.add_argument("--ref-images", type=int, default=None,
+                   help="the reference certifies only the first K images (its rate is per sample: still comparable)")
+    p.add_argument("--dataset", default=None,
+                   help="certify images of this dataset's test split (spread evenly) instead of random ones")
+    p.add_argument("--data-root", default=None, help="with --dataset: the datasets folder")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--num-classes", type=int, default=10)
@@ -380,19 +471,22 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune once (applies to both)
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"device={device} threads={torch.get_num_threads()} load={load:.1f} torch={torch.__version__} "
-              f"sigma={args.sigma} alpha={args.alpha} amp={args.amp}", flush=True)
+        print(f"device={device} ({processor_name(device)}) threads={torch.get_num_threads()} load={load:.1f} "
+              f"torch={torch.__version__} sigma={args.sigma} alpha={args.alpha} amp (CLI rows)={args.amp}, "
+              f"python API amp auto={resolve_amp('auto', device)}", flush=True)
         if args.machine and device.type != "cpu":
             raise UserError("--machine compares whole CPUs; on a GPU use the default mode")
         peak = cpu_fma_peak() if (args.peak and device.type == "cpu") else None
         if args.peak and device.type == "cpu":
             print(f"single-core fp32 FMA peak (fma_peak.c): "
                   f"{'n/a (no C compiler)' if peak is None else f'{peak:.1f} GFLOP/s'}", flush=True)
-        print(f"{'model':<10} {'px':>4} {'n0+n':>7} {'img':>4} {'variant':<24} {'bs':>5} {'samples/s':>10} "
+        print(f"{'model':<10} {'px':>4} {'n0+n':>7} {'img':>4} {'variant':<30} {'bs':>5} {'samples/s':>10} "
               f"{'ratio':>6} {'s/img@100k':>11} {'GFLOP/s':>8}" + (f" {'%peak':>6}" if peak else ""), flush=True)
+        results = []
         for name in names:
             t0 = time.perf_counter()
             r = run_machine(name, args, device) if args.machine else run_model(name, args, device)
+            results.append(r)
             flops = r.get("flops_per_sample")
             if flops is None:
                 torch.manual_seed(args.seed)
@@ -404,11 +498,19 @@ def main(argv: list[str] | None = None) -> int:
                 used = r.get("cores", args.threads or torch.get_num_threads()) if args.machine else (
                     args.threads or torch.get_num_threads())
                 pct = f" {100 * gflops / (peak * used):>5.0f}%" if peak else ""
-                print(f"{name:<10} {r['px']:>4} {r['n0'] + r['n']:>7} {r['images']:>4} {vname:<24} "
-                      f"{v['batch_size']:>5} {v['samples_per_s']:>10.1f} {v['samples_per_s'] / ref:>6.2f} "
-                      f"{v['s_per_image_100k']:>11.1f} {gflops:>8.1f}{pct}", flush=True)
+                v["ratio"] = v["samples_per_s"] / ref
+                print(f"{name:<10} {r['px']:>4} {r['n0'] + r['n']:>7} {v.get('images', r['images']):>4} {vname:<30} "
+                      f"{v['batch_size']:>5} {v['samples_per_s']:>10.1f} {v['ratio']:>6.2f} "
+                      f"{v['s_per_image_100k']:>11.2f} {gflops:>8.1f}{pct}", flush=True)
             print(f"{'':<10} ({time.perf_counter() - t0:.0f} s wall; {flops / 1e9:.4f} GFLOP/sample; predictions "
                   f"{ {k: v['preds'] for k, v in r['variants'].items()} })", flush=True)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump({"device": str(device), "processor": processor_name(device), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "args": vars(args), "results": results}, f,
+                          indent=2, default=str)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
