@@ -150,7 +150,8 @@ def test_robust_transfer_study_settings(data_root, tmp_path):
         assert runs[rid].train.data.dataset == "eurosat-32"
         assert runs[rid].train.data.shots_per_class == k and runs[rid].train.data.max_train is None
     assert runs["cr-scratch-es50"].stage == "pretrain" and runs["cr-scratch-es50"].init is None
-    assert runs["head-cr-es50"].train.mode == "head" and runs["head-cr-es50"].train.objective.name == "clean"
+    # mode: head in the YAML is the alias of fixed (last-layer fine-tuning), normalised in the config
+    assert runs["head-cr-es50"].train.mode == "fixed" and runs["head-cr-es50"].train.objective.name == "clean"
     assert runs["at-at-c10"].evaluate["attack"]["attack"] == "apgd-l2"
     # the certified test images span every class of the (class-sorted) test splits
     for rid, n_test in [("cr-cr-es50", 2700), ("cr-cr-c10", 10000)]:

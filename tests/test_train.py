@@ -1,7 +1,7 @@
 """The trainer (train/loop.py) end to end on a tiny in-tmp ImageFolder dataset and resnet20, on CPU.
 
 Covers: exact resume after an interruption (mid-epoch and at an epoch boundary), reuse of a finished run,
-refusal to overwrite another run, fine-tuning modes (fixed / full / lora), every training objective for a
+refusal to overwrite another run, fine-tuning modes (fixed = head / full / lora), every training objective for a
 step, and the ``pretrain`` / ``finetune`` CLI (files written, one-line errors with exit code 2).
 """
 
@@ -246,6 +246,26 @@ def test_fixed_finetune_changes_only_the_head(data, tmp_path, pretrained):
     # give a different head if the optimiser moved it
     ft2 = finetune(data, tmp_path / "other", init, "fixed", "optim.lr=0.5")
     assert not torch.equal(ft2["state_dict"][weight], sd_ft[weight])
+
+
+def test_head_mode_is_fixed(data, tmp_path, pretrained):
+    from dataclasses import replace
+
+    from smoothtransfer.config import MODES, TrainConfig, from_dict
+
+    init, _ = pretrained
+    # one mode under two names: normalised wherever a config is built, so a run directory says "fixed"
+    assert "head" not in MODES
+    assert from_dict(TrainConfig, {"mode": "head"}).mode == "fixed"
+    assert replace(TrainConfig(), mode="head").mode == "fixed"
+    with pytest.raises(UserError, match="mode must be one of full, fixed, lora"):
+        make_cfg(data["down"], tmp_path, f"init={init}", "mode=linear", stage="finetune")
+    head = finetune(data, tmp_path, init, "head")
+    fixed = finetune(data, tmp_path, init, "fixed")
+    assert head["config"]["train"]["mode"] == "fixed"
+    assert "mode: fixed" in (tmp_path / "head" / "config.yaml").read_text()
+    for k, v in fixed["state_dict"].items():  # the same training, bit for bit
+        assert torch.equal(head["state_dict"][k], v), k
 
 
 def test_full_finetune_changes_the_body(data, tmp_path, pretrained):

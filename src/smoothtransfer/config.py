@@ -18,7 +18,11 @@ import yaml
 from smoothtransfer.errors import UserError
 
 AMP_CHOICES = ("none", "bf16", "fp16", "auto")
-MODES = ("full", "fixed", "head", "lora")
+#: fine-tuning modes: what is trained. full = every weight; fixed = only the new last FC layer (the backbone is
+#: frozen, its norm statistics too: DESIGN rule 9); lora = LoRA adapters + the new head
+MODES = ("full", "fixed", "lora")
+#: other names accepted for a mode, normalised when a TrainConfig is built (a run's config says the mode)
+MODE_ALIASES = {"head": "fixed"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 128
     eval_batch_size: int = 512
-    #: fine-tuning: checkpoint to start from, and what is trained
+    #: fine-tuning: checkpoint to start from, and what is trained (MODES; "head" is an alias of "fixed")
     init: str | None = None
     mode: str = "full"
     #: fine-tuning on the checkpoint's own classes (e.g. FT-CADIS on an off-the-shelf CIFAR-10 classifier):
@@ -112,12 +116,17 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # "head" (last-layer fine-tuning) is "fixed": one name in configs, checkpoints and run directories
+        if self.mode in MODE_ALIASES:
+            object.__setattr__(self, "mode", MODE_ALIASES[self.mode])
+
     def validate(self) -> TrainConfig:
         """Check value ranges; returns self. Raises UserError naming the bad key."""
         _check(self.stage in ("pretrain", "finetune"), f"stage must be pretrain or finetune, got '{self.stage}'")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)} (head = fixed), got '{self.mode}'")
         _check(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")
         _check(self.select in ("last", "best"), f"select must be last or best, got '{self.select}'")
         _check(0.0 <= self.data.val_fraction < 1.0, f"data.val_fraction must be in [0,1), got {self.data.val_fraction}")

@@ -6,7 +6,7 @@ import argparse
 
 from smoothtransfer.commands._train_args import add_common, config_from_args, run_train
 
-HELP = "fine-tune a pre-trained checkpoint downstream (full, fixed features, head, LoRA)"
+HELP = "fine-tune a pre-trained checkpoint downstream (full network, fixed features = head only, LoRA)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,8 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pre-trained checkpoint.pt to start from, or a model trained elsewhere: cohen:FILE, "
                         "hf-hub:ORG/NAME, local-dir:DIR, ... (see certify --help)")
     p.add_argument("--mode", choices=["full", "fixed", "head", "lora"],
-                   help="full network; fixed features (head only, norm statistics frozen); head (= fixed, "
-                        "'last-layer fine-tuning'); LoRA adapters + head")
+                   help="what is trained (default full). full: every weight (backbone, norm layers, new head); "
+                        "fixed: only the new last FC layer, the backbone frozen with its norm statistics "
+                        "(BatchNorm stays in eval mode); head: the same as fixed (an alias, recorded as "
+                        "fixed); lora: LoRA adapters + the new head, every other weight frozen")
     p.add_argument("--lora-rank", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--denoiser", help="denoiser directory (FT-CADIS: fine-tune through the denoiser)")
