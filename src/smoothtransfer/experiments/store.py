@@ -44,12 +44,14 @@ def _strip_paths(d: Any) -> Any:
     return d
 
 
-def run_settings(run: Run) -> dict:
-    """What a run computes (training config, denoiser arguments, evaluations), without machine paths."""
+def run_settings(exp: Experiment, run: Run) -> dict:
+    """What a run computes (training config, denoiser arguments, evaluations), without machine paths, and the
+    settings of every run it starts from: a fine-tune of a changed upstream run is not the same run."""
     return json.loads(json.dumps({
-        "stage": run.stage, "init_run": run.init, "needs": list(run.needs),
+        "stage": run.stage, "init_run": run.init,
         "train": _strip_paths(to_dict(run.train)) if run.train is not None else None,
         "denoiser_args": _strip_paths(run.denoiser_args), "evaluate": _strip_paths(run.evaluate),
+        "needs": {dep: run_settings(exp, exp.runs[dep]) for dep in run.needs if dep in exp.runs},
     }))
 
 
@@ -63,7 +65,7 @@ def is_complete(exp: Experiment, run: Run) -> bool:
     if d is None or not (d / "settings.json").is_file():
         return False
     try:
-        if json.loads((d / "settings.json").read_text()) != run_settings(run):
+        if json.loads((d / "settings.json").read_text()) != run_settings(exp, run):
             return False
     except ValueError:
         return False
@@ -90,7 +92,7 @@ def export_run(exp: Experiment, run: Run) -> None:
                 tmp = target.with_name(target.name + ".tmp")
                 shutil.copyfile(f, tmp)
                 tmp.replace(target)  # atomic: a reader never sees half a file
-    atomic_write_json(dest / "settings.json", run_settings(run))
+    atomic_write_json(dest / "settings.json", run_settings(exp, run))
 
 
 def source_dir(exp: Experiment, run_id: str) -> Path:

@@ -134,9 +134,11 @@ def _cert_cell(r: dict, sigma: float, column: str) -> str:
         return _acc(s.get("abstain_rate"), n)
     kind, _, rad = column.partition(":")
     acc = _cert_at(s, float(rad))
+    mark = cap_mark(float(rad), s.get("max_certifiable_radius"))  # as `report` marks them
+    if acc is None and mark:
+        acc = 0.0  # beyond what N samples can certify: 0 by construction (the summary's grid stops there)
     if acc is None:
         return "–"
-    mark = cap_mark(float(rad), s.get("max_certifiable_radius"))  # as `report` marks them
     if kind == "cert" and clean is not None:
         return f"({100 * clean:.1f}){_acc(acc, n)}{mark}"
     return _acc(acc, n) + mark
