@@ -163,3 +163,30 @@ def test_bad_claims_are_refused(grid):
         grid([_table(claims=[{"claim": "x", "a": {"run": "good"}, "b": {"run": "bad"}, "expect": "≈"}])])
     with pytest.raises(UserError, match="unknown table column"):
         grid([_table(columns=["bogus"])])
+
+
+def test_changed_upstream_makes_stored_fine_tunes_stale(tmp_path, monkeypatch):
+    """A stored fine-tune records the settings of the run it starts from: change the upstream, re-run both."""
+    from smoothtransfer.experiments import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_check_data", lambda exp: None)
+    spec = _spec([])
+    spec["defaults"]["finetune"] = {"data": {"dataset": "cifar10"}, "objective": {"name": "clean"}}
+    spec["runs"] = {"up": {"stage": "pretrain"}, "ft": {"stage": "finetune", "init": "up"}}
+    path = tmp_path / "g.yaml"
+
+    def load(epochs: int):
+        spec["runs"]["up"]["epochs"] = epochs
+        path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+        return load_experiment(str(path), "cpu-small", out=tmp_path / "runs", results_dir=tmp_path / "results")
+
+    exp = load(1)
+    rng = np.random.default_rng(1)
+    _fake_run(tmp_path / "runs", "ft", rng.random(20) < 0.5, np.full(20, 0.3))
+    (tmp_path / "runs" / "up" / "train").mkdir(parents=True)
+    (tmp_path / "runs" / "up" / "train" / "train_summary.json").write_text("{}")
+    for run in exp.runs.values():
+        store.export_run(exp, run)
+    assert plan(exp) == []
+    shutil.rmtree(tmp_path / "runs")
+    assert sorted(r.id for r in plan(load(2))) == ["ft", "up"]
