@@ -171,6 +171,35 @@ def test_atomic_save_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path
     assert load_checkpoint(path)["epoch"] == 2
 
 
+def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A full disk gave `OSError` / `RuntimeError: [enforce fail at inline_container.cc]` tracebacks (finetune)."""
+    import os
+    import tempfile
+
+    model = _trained_model()
+    path = _save(tmp_path / "m.pt", model, epoch=1)
+    mkstemp = tempfile.mkstemp
+
+    def full_disk(*args, **kwargs):  # the temporary file lands on /dev/full: the OS answers ENOSPC
+        fd, name = mkstemp(*args, **kwargs)
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return fd, name
+
+    monkeypatch.setattr(ckpt_mod.tempfile, "mkstemp", full_disk)
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*m\.pt: No space left on device") as e:
+        _save(path, model, epoch=2)
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+
+    def torch_writer_fails(obj, f, *args, **kwargs):  # how torch's own writer reports it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", torch_writer_fails)
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*m\.pt: .*inline_container") as e:
+        _save(path, model, epoch=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and load_checkpoint(path)["epoch"] == 1
+
+
 def test_missing_and_directory(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -58,6 +60,73 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+#: errno values that mean "this file cannot be written here" (read-only, no permission, disk or quota full)
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def write_error(e: OSError, path: str | os.PathLike | None = None, kept: str = "") -> UserError:
+    """One line for a failed write: which file, why (``Read-only file system``, ``No space left on device``),
+    and ``kept`` (what is safe, e.g. "rows written so far are kept; rerun to resume")."""
+    where = e.filename if e.filename is not None else path
+    reason = e.strerror or str(e) or type(e).__name__
+    return UserError(f"cannot write {where}: {reason}" + (f"; {kept}" if kept else ""))
+
+
+def write_if_changed(path: str | os.PathLike, data: str | bytes) -> bool:
+    """Atomically write ``data`` unless ``path`` already holds exactly it; returns whether it wrote.
+
+    A rerun that produces the same file then writes nothing, so it also succeeds in a read-only directory.
+    """
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    try:
+        if path.read_bytes() == raw:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (worker processes stopped, files closed)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While active, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread instead of
+    killing the process on the spot. Does nothing off the main thread or when SIGTERM already has a handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def git_revision() -> str:

@@ -143,18 +143,37 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, classes: list[
         "torch_version": torch.__version__,
     })
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        raise UserError(f"cannot write checkpoint {path}: {reason}; the previous file there, if any, is "
+                        "unchanged") from None
     return path
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why writing failed, for a read-only or full disk (torch's own writer reports a full disk as
+    ``RuntimeError: [enforce fail at inline_container.cc:...] ... file write failed`` / ``unexpected pos``);
+    None for any other error."""
+    from smoothtransfer.utils import WRITE_ERRNOS
+
+    if isinstance(e, OSError):
+        return (e.strerror or str(e)) if e.errno in WRITE_ERRNOS else None
+    if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|enforce fail", str(e)):
+        return f"the disk is full or the file system failed ({_first_line(e)})"
+    return None
 
 
 def _first_line(e: BaseException) -> str:
