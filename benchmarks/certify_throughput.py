@@ -245,7 +245,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
     for v in variants:  # warm-up: oneDNN/cuDNN primitives (and compiled graphs) for the timed batch shapes
         # a compiled model sees every batch shape of a full run (full batch, n0 and n remainders) here
-        certify(v, xs[0], n0, n if v.compiled else min(n, v.batch_size or 1000))
+        certify(v, xs[0], n0, n if v.compiled or v.batch_size is None else min(n, v.batch_size))
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     preds: dict[str, list[int]] = {v.name: [] for v in variants}
     for i in range(images):

@@ -150,3 +150,21 @@ def test_compiled_fast_path_matches_eager():
     a = eager.certify_full(x, 20, 300, 0.01, generator=torch.Generator().manual_seed(0))
     b = compiled.certify_full(x, 20, 300, 0.01, generator=torch.Generator().manual_seed(0))
     assert a.prediction == b.prediction and abs(a.count - b.count) <= 3  # float rounding near the boundary
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_on_cuda():
+    """On a GPU the defaults pick bf16 where supported and a memory-sized batch; certificates agree with the
+    plain float32 path up to sampling noise, and the base classifier still receives float32 noisy inputs."""
+    x = torch.rand(SHAPE, device="cuda")
+    smooth = Smooth(TinyCNN().cuda(), 4, 0.25)
+    assert smooth.amp_dtype is (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+    assert smooth.batch_size_for(SHAPE, x.device) >= 64
+    fast = smooth.certify_full(x, 20, 4000, 0.01, generator=torch.Generator(device="cuda").manual_seed(0))
+    plain = Smooth(TinyCNN().cuda(), 4, 0.25, fast=False).certify_full(
+        x, 20, 4000, 0.01, 500, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert fast.prediction == plain.prediction and abs(fast.count - plain.count) <= 200
+    rec = Recorder().cuda()
+    Smooth(rec, 3, 0.5).certify(x, 10, 300, 0.01)
+    assert rec.seen and all(dtype == torch.float32 for dtype, _, _ in rec.seen)
