@@ -123,7 +123,6 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
                         "denoiser": r.denoiser_args, "evaluate": r.evaluate}
                  for r in exp.runs.values()},
     })
-    timings = store.load_timings(exp)
     todo = plan(exp)
     for run in exp.order():
         if run not in todo:
@@ -138,11 +137,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
             ckpt = run_training(cfg, resume=True)
             for kind, e in run.evaluate.items():
                 run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
-        timings[run.id] = timings.get(run.id, 0.0) + time.time() - t0
-        atomic_write_json(exp.out / "timings.json", timings)
+        store.add_timing(exp, run.id, time.time() - t0)
         store.export_run(exp, run)
-        if exp.results_dir is not None:
-            atomic_write_json(exp.results_dir / "timings.json", timings)
     results = collect(exp)
     write_report(exp, results)
     return results

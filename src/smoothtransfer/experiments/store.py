@@ -10,6 +10,7 @@ reuses it instead of training again, so a fresh clone regenerates RESULTS.md wit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -113,3 +114,20 @@ def load_timings(exp: Experiment) -> dict[str, float]:
         if p is not None and p.is_file():
             out.update(json.loads(p.read_text()))
     return out
+
+
+def add_timing(exp: Experiment, run_id: str, seconds: float) -> None:
+    """Add ``seconds`` of wall time to ``run_id`` in the run directory's and the store's ``timings.json``.
+
+    Read-modify-write under an exclusive lock, so two processes working on different runs of one grid (one
+    per core) keep each other's entries."""
+    for d in (exp.out, exp.results_dir):
+        if d is None:
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".timings.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            p = d / "timings.json"
+            t = json.loads(p.read_text()) if p.is_file() else {}
+            t[run_id] = t.get(run_id, 0.0) + seconds
+            atomic_write_json(p, t)
