@@ -211,3 +211,66 @@ def test_manual_shards_merge_when_the_last_one_finishes(setup, tmp_path):
         merged = [r.split("\t")[:5] for r in (out / f"sigma_{tag}.merged.tsv").read_text().splitlines()]
         single = [r.split("\t")[:5] for r in (plain / f"sigma_{tag}.tsv").read_text().splitlines()]
         assert merged == single and len(merged) == 4
+
+
+def test_unwritable_out_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    """A read-only (or full) disk printed a 27-line OSError traceback; now one line, exit 2, nothing lost."""
+    import errno
+    import os
+
+    from smoothtransfer.cli import main
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mkdir = os.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    code = main(["certify", *_base(setup, ro / "run", "--max", "1", "--workers", "1")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write {ro / 'run'}: Read-only file system"), err
+
+
+def test_finished_certify_reruns_without_writing(setup, tmp_path, capsys, monkeypatch):
+    """Rerunning a finished certify reprints its table and writes nothing, so it works in a read-only folder."""
+    import tempfile
+
+    out = tmp_path / "run"
+    argv = _base(setup, out, "--max", "2", "--workers", "1")
+    assert certify.run(_args(certify, argv)) == 0
+    first = capsys.readouterr().out
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+    def no_writes(*args, **kwargs):
+        raise AssertionError("a finished run wrote a file")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_writes)
+    assert certify.run(_args(certify, argv)) == 0
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == stamps
+    assert capsys.readouterr().out.split("\n")[:4] == first.split("\n")[:4]  # the same table
+
+
+def test_sigterm_exits_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, a scheduler's limit) is handled like Ctrl-C: the clean-up runs, one line, exit 143."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\n"
+            "import smoothtransfer.commands.report as report\n"
+            "from smoothtransfer.cli import main\n"
+            "def run(args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "report.run = run\n"
+            "sys.exit(main(['report', 'x']))\n")
+    src = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("terminated (SIGTERM): rerun the same command") and proc.stderr.count("\n") == 1

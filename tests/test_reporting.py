@@ -161,6 +161,25 @@ def test_report_command(tmp_path, capsys):
     assert "| mine" in (out / "report.md").read_text()
 
 
+def test_report_rerun_writes_nothing_and_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    """report.md and the plot were rewritten on every run: a rerun into a read-only folder failed."""
+    import errno
+
+    _write_run(tmp_path / "a", 0.25, ROWS)
+    assert report.run(_report_args([str(tmp_path / "a")])) == 0
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir()}
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    assert report.run(_report_args([str(tmp_path / "a")])) == 0
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir()} == stamps
+    with pytest.raises(UserError, match=r"cannot write .*: Read-only file system; choose a writable folder") as e:
+        report.run(_report_args([str(tmp_path / "a"), "--radii", "0.5"]))  # another table: must write
+    assert "\n" not in str(e.value)
+
+
 def test_report_bad_input_writes_nothing(tmp_path):
     _write_run(tmp_path / "a", 0.25, ROWS)
     with pytest.raises(UserError, match="no such file"):

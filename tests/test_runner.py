@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -357,3 +358,276 @@ def test_merge_shards_writes_one_tsv_in_index_order(tmp_path):
 
     run = load_run(tmp_path / "two")  # the merged TSV repeats the shards' rows: counted once
     assert [(r.sigma, r.num_done) for r in run.results] == [(0.25, 7)]
+
+
+# ------------------------------------------------------------------- concurrent writers, orphans, dead workers
+
+_HELD_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_runner import TinyLinear, TinyDataset, KW
+    from smoothtransfer.errors import UserError
+    from smoothtransfer.smoothing.runner import certify_dataset
+
+    out, hold, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Held(TinyLinear):
+        def forward(self, x):
+            while os.path.exists(hold):  # the test lets the run go on by deleting this file
+                time.sleep(0.01)
+            return super().forward(x)
+
+    try:
+        certify_dataset(Held(), TinyDataset(), sigmas=[0.25], out_dir=out, indices=list(range(12)), workers=workers,
+                        **{{**KW, "pack": 2}})
+    except UserError as e:
+        print(f"error: {{e}}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+""")
+
+
+def _start_held(tmp_path, out, workers=1):
+    """A certify process (real, separate) that has written its TSV header and blocks until ``hold`` goes."""
+    script = tmp_path / "held.py"
+    script.write_text(_HELD_SCRIPT.format(tests=str(Path(__file__).parent)))
+    hold = tmp_path / f"hold-{out.name}"
+    hold.write_text("")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(hold), str(workers)], env=env)
+    deadline = time.time() + 60
+    while not (out / "sigma_0.25.tsv").exists():
+        assert proc.poll() is None and time.time() < deadline, "the held run did not start"
+        time.sleep(0.05)
+    return proc, hold
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited (its new parent may not reap it at once)
+
+
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def test_second_writer_on_the_same_out_is_refused(tmp_path):
+    """Two certify processes on one --out and σ at once (two terminals, a retried job): one is refused with one
+    line while the other holds the lock, whose rows are then neither duplicated nor interleaved."""
+    out = tmp_path / "run"
+    script = tmp_path / "held.py"
+    script.write_text(_HELD_SCRIPT.format(tests=str(Path(__file__).parent)))
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), str(out), str(hold), "1"]
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.time() + 60  # both block on `hold` unless one is refused
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        refused = next((p for p in procs if p.poll() is not None), None)
+        hold.unlink()
+        codes = sorted(p.wait(timeout=120) for p in procs)
+        err = refused.stderr.read() if refused is not None else ""
+        assert codes == [0, 2] and "another process (pid" in err and "is writing" in err, (codes, err)
+        assert err.count("\n") == 1, err
+    finally:
+        hold.unlink(missing_ok=True)
+        _kill([p.pid for p in procs])
+    _certify(tmp_path / "full", indices=list(range(12)))
+    assert _rows_wo_time(out / "sigma_0.25.tsv") == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")
+    assert not list(out.glob(".*.lock"))  # released and removed
+
+
+def test_lock_dies_with_its_process(tmp_path):
+    """kill -9 of the writer releases its lock (the OS does): a rerun resumes at once."""
+    out = tmp_path / "run"
+    proc, hold = _start_held(tmp_path, out)
+    proc.kill()
+    proc.wait(timeout=30)
+    hold.unlink()
+    _certify(out, indices=list(range(12)))
+    _certify(tmp_path / "full", indices=list(range(12)))
+    assert _rows_wo_time(out / "sigma_0.25.tsv") == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")
+
+
+def _workers_of(proc, n: int = 2, timeout: float = 60) -> list[int]:
+    deadline = time.time() + timeout
+    while len(kids := _children(proc.pid)) < n:
+        assert proc.poll() is None and time.time() < deadline, "the worker processes did not start"
+        time.sleep(0.05)
+    return kids
+
+
+def _wait_gone(pids, timeout: float = 20) -> list[int]:
+    deadline = time.time() + timeout
+    while (alive := [p for p in pids if _alive(p)]) and time.time() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of a `--workers 2` run must not leave its workers alive under PID 1 (they held ~450 MB each)."""
+    proc, hold = _start_held(tmp_path, tmp_path / "run", workers=2)
+    kids = []
+    try:
+        kids = _workers_of(proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _wait_gone(kids) == []
+    finally:
+        hold.unlink(missing_ok=True)
+        _kill([proc.pid, *kids])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, a scheduler's time limit) shuts down like Ctrl-C: KeyboardInterrupt in the parent, workers
+    stopped, complete rows only; the rerun resumes to the uninterrupted result."""
+    out = tmp_path / "run"
+    proc, hold = _start_held(tmp_path, out, workers=2)
+    kids = []
+    try:
+        kids = _workers_of(proc)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 130  # the script maps KeyboardInterrupt to 130; SIGTERM's default is -15
+        assert _wait_gone(kids) == []
+    finally:
+        hold.unlink(missing_ok=True)
+        _kill([proc.pid, *kids])
+    assert (out / "sigma_0.25.tsv").read_text().endswith("\n")
+    _certify(out, indices=list(range(12)))
+    _certify(tmp_path / "full", indices=list(range(12)))
+    assert _rows_wo_time(out / "sigma_0.25.tsv") == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")
+
+
+class _DiesInWorker(TinyLinear):
+    """Killed by SIGKILL (as by the out-of-memory killer) when it runs in a forked worker on image 5."""
+
+    def __init__(self, parent: int) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def forward(self, x):
+        if os.getpid() != self.parent and getattr(self, "victim", False):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def test_a_worker_killed_by_the_oom_killer_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
+    import smoothtransfer.smoothing.runner as runner_mod
+
+    model = _DiesInWorker(os.getpid())
+    rows = runner_mod._Engine.rows
+
+    def rows_and_die_on_5(self, idxs):
+        model.victim = 5 in idxs
+        return rows(self, idxs)
+
+    monkeypatch.setattr(runner_mod._Engine, "rows", rows_and_die_on_5)
+    with pytest.raises(UserError) as e:
+        certify_dataset(model, TinyDataset(), sigmas=[0.25], out_dir=tmp_path, indices=list(range(12)), workers=2,
+                        **{**KW, "pack": 1})
+    msg = str(e.value)
+    assert re.search(r"worker process \d+ was killed by SIGKILL \(the out-of-memory killer", msg), msg
+    assert "rerun the same command to resume" in msg and "\n" not in msg
+    monkeypatch.undo()
+    done = len((tmp_path / "sigma_0.25.tsv").read_text().splitlines()) - 1
+    assert done < 12
+    _certify(tmp_path, indices=list(range(12)), workers=2)
+    _certify(tmp_path / "full", indices=list(range(12)))
+    assert _rows_wo_time(tmp_path / "sigma_0.25.tsv") == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")
+
+
+# ------------------------------------------------------------------------------ one model's run per directory
+
+
+def test_a_new_sigma_from_another_model_seed_or_images_is_refused(tmp_path):
+    """summary.json and report show a directory as one run: a new σ must match the σ already there."""
+    ck = {"checkpoint_sha256": "a" * 64, "dataset": "tiny", "split": "test"}
+    _certify(tmp_path, indices=[0, 1, 2], identity=ck)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UserError, match=r"holds σ=0.25 results of another checkpoint \(sha256 aaaaaaaaaaaa"):
+        _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 2], identity={**ck, "checkpoint_sha256": "b" * 64})
+    with pytest.raises(UserError, match=r"σ=0.25 results of other settings \(seed=3 there, 4 now\)"):
+        _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 2], identity=ck, seed=4)
+    with pytest.raises(UserError, match=r"σ=0.25 results for other images \(3 selected there, 4 now\)"):
+        _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 2, 3], identity=ck)
+    with pytest.raises(UserError, match=r"other images \(3 selected there, 3 now, not the same ones\)"):
+        _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 3], identity=ck)
+    with pytest.raises(UserError, match="another checkpoint"):  # --overwrite of a new σ does not make it one run
+        _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 2], identity={**ck, "checkpoint_sha256": "b" * 64},
+                 overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _certify(tmp_path, sigmas=(0.5,), indices=[0, 1, 2], identity=ck, n=128)  # same model: N may differ per σ
+    _certify(tmp_path, sigmas=(0.5, 0.25), indices=[0, 1, 2, 3], identity=ck, n=128, overwrite=True)
+    # all σ replaced together by another model: one run again
+    _certify(tmp_path, sigmas=(0.25, 0.5), indices=[0, 1], identity={**ck, "checkpoint_sha256": "b" * 64},
+             overwrite=True)
+
+
+# ---------------------------------------------------------------------------- read-only and full disks
+
+
+def _stamps(d: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in d.iterdir()}
+
+
+def test_rerun_of_a_finished_run_writes_nothing(tmp_path):
+    """summary.json was rewritten on every rerun, so a finished run could not be reprinted from a read-only
+    folder; now nothing is written (no lock file either) unless something changed."""
+    _certify(tmp_path, sigmas=(0.25, 0.5), indices=[0, 1, 2])
+    before = _stamps(tmp_path)
+    time.sleep(0.01)
+    summary = _certify(tmp_path, sigmas=(0.25, 0.5), indices=[0, 1, 2])
+    assert _stamps(tmp_path) == before
+    assert [e["num_done"] for e in summary["sigmas"]] == [3, 3]
+
+
+def test_disk_full_mid_run_is_one_line_and_keeps_the_rows(tmp_path, monkeypatch):
+    import errno
+
+    import smoothtransfer.smoothing.runner as runner_mod
+
+    write = runner_mod._RowWriter.write
+    calls = []
+
+    def write_until_full(self, line):
+        calls.append(line)
+        if len(calls) > 4:  # header + 3 rows fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "sigma_0.25.tsv"))
+        write(self, line)
+
+    monkeypatch.setattr(runner_mod._RowWriter, "write", write_until_full)
+    with pytest.raises(UserError) as e:
+        _certify(tmp_path, indices=list(range(6)))
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write {tmp_path / 'sigma_0.25.tsv'}: No space left on device") and "\n" not in msg
+    assert "rerun the same command to resume" in msg
+    monkeypatch.undo()
+    assert len((tmp_path / "sigma_0.25.tsv").read_text().splitlines()) == 4
+    _certify(tmp_path, indices=list(range(6)))
+    _certify(tmp_path / "full", indices=list(range(6)))
+    assert _rows_wo_time(tmp_path / "sigma_0.25.tsv") == _rows_wo_time(tmp_path / "full" / "sigma_0.25.tsv")

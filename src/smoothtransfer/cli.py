@@ -47,18 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from smoothtransfer.utils import set_progress
+    from smoothtransfer.utils import WRITE_ERRNOS, Terminated, set_progress, sigterm_as_interrupt, write_error
 
     set_progress(not getattr(args, "no_progress", False))
     try:
         module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[args.command][0]}")
-        return int(module.run(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM (kill, a scheduler) stops like Ctrl-C: workers, files cleaned up
+            return int(module.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command (with --resume where it applies) to continue", file=sys.stderr)
-        return 130
+    except OSError as e:  # read-only folder, full disk, no permission: one line, not a traceback
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: rerun the same command (with --resume where it applies) to continue", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

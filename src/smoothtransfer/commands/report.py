@@ -38,7 +38,7 @@ def _run_facts(run) -> str:
 def run(args: argparse.Namespace) -> int:
     from smoothtransfer.reporting.plots import plot_certified_accuracy
     from smoothtransfer.reporting.tables import TABLE_NOTE, certified_table, load_run
-    from smoothtransfer.utils import atomic_write_text
+    from smoothtransfer.utils import WRITE_ERRNOS, write_error, write_if_changed
 
     for r in args.radii:
         if not (math.isfinite(r) and r >= 0):
@@ -60,12 +60,17 @@ def run(args: argparse.Namespace) -> int:
     first = Path(args.dirs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
     table = certified_table(runs, args.radii, args.digits)
-    png = plot_certified_accuracy(runs, out / "certified_accuracy.png", max_radius=args.max_radius,
-                                  title=args.title)
-    lines = [f"# {args.title or 'Certification report'}", "", table, TABLE_NOTE, "", "Runs:", ""]
-    lines += [f"- **{r.name}**: `{r.path}` ({_run_facts(r)})" for r in runs]
-    lines += ["", f"![certified accuracy]({png.name})", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    try:  # both files are rewritten only when they change: a rerun into a read-only folder then works
+        png = plot_certified_accuracy(runs, out / "certified_accuracy.png", max_radius=args.max_radius,
+                                      title=args.title)
+        lines = [f"# {args.title or 'Certification report'}", "", table, TABLE_NOTE, "", "Runs:", ""]
+        lines += [f"- **{r.name}**: `{r.path}` ({_run_facts(r)})" for r in runs]
+        lines += ["", f"![certified accuracy]({png.name})", ""]
+        write_if_changed(out / "report.md", "\n".join(lines))
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(e, out, kept="choose a writable folder with --out") from None
     print(table, end="")
     print(f"wrote {out / 'report.md'} and {png}")
     return 0

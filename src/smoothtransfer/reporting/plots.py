@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothtransfer.reporting.tables import Run
+from smoothtransfer.utils import write_if_changed
 
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -33,7 +35,6 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike, *, max
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if max_radius is None:
         largest = max((float(np.max(r.radii)) for run in runs for r in run.results if r.num_done), default=0.0)
         max_radius = max(largest * 1.05, 0.5)
@@ -61,7 +62,9 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike, *, max
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    # Without a date in the metadata the bytes depend on the data only, so an unchanged plot is not rewritten.
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    fig.savefig(buf, dpi=dpi, format=fmt, metadata={"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt))
+    write_if_changed(path, buf.getvalue())
     return path

@@ -29,6 +29,14 @@ time; a restarted run checks the sidecar against the current settings, drops a t
 kill during a write) and continues after the last complete row, so no row is lost or duplicated and the
 certificates equal those of an uninterrupted run (on the same device type: CPU and CUDA generators draw
 different noise).
+
+One writer, one model: a process holds an exclusive ``flock`` on ``.<result file stem>.lock`` while it
+writes that result file (the OS releases it if the process dies), so a second run on the same files is
+refused with one line instead of interleaving rows. A directory holds one model's certification: a new
+sigma must have the checkpoint digest, dataset, split, denoiser, seed and image selection of the sigmas
+already there. Forked CPU workers die with the parent (``PR_SET_PDEATHSIG``), SIGTERM stops a run like
+Ctrl-C, a worker killed by the OOM killer and a read-only or full disk are reported in one line, and a
+finished run rewrites nothing (``summary.json`` only when more than its time stamp changed).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +63,14 @@ from smoothtransfer.evaluation.metrics import abstain_rate, accuracy, radius_gri
 from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth, sigma_too_small
 from smoothtransfer.smoothing.stats import max_certifiable_radius
 from smoothtransfer.utils import (
+    WRITE_ERRNOS,
     atomic_write_json,
-    atomic_write_text,
     environment_info,
     git_revision,
     resolve_device,
+    sigterm_as_interrupt,
+    write_error,
+    write_if_changed,
 )
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "count", "n_used", "p_lower")
@@ -181,6 +193,113 @@ class _RowWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+class _Locks:
+    """Exclusive locks on ``.<result stem>.lock`` files, one per result file this process writes.
+
+    ``fcntl.flock`` locks belong to the open file, so the OS releases them when the process dies, even by
+    ``kill -9``: a stale lock cannot block a resume. A second writer (another terminal, a retried job) is
+    refused instead of interleaving rows into the same TSV. The lock file holds the owner's pid (for the
+    message) and is removed on release; where ``fcntl`` is missing (not POSIX) nothing is locked.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Path, int]] = []
+
+    def acquire(self, lock: Path, what: Path) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"another process (pid {owner})" if owner.isdigit() else "another process"
+                raise UserError(f"{who} is writing {what}; wait for it to finish (then rerun to resume), or use "
+                                "another --out") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The previous owner removes the file on release; if it did so after we opened it, ours is stale.
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.held.append((lock, fd))
+
+    def fds(self) -> list[int]:
+        return [fd for _, fd in self.held]
+
+    def release(self) -> None:
+        while self.held:
+            lock, fd = self.held.pop()
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still locked: a waiting process sees the inode change and retries
+            os.close(fd)
+
+
+def _lock_path(job: _Job) -> Path:
+    return job.tsv.with_name(f".{job.tsv.stem}.lock")
+
+
+#: What every sigma in one directory shares: summary.json and ``report`` show a directory as one model's run.
+_SAME_RUN_KEYS = ("checkpoint_sha256", "dataset", "split", "denoiser", "seed", "num_classes")
+
+
+def _selection_of(indices: Sequence[int]) -> dict[str, Any]:
+    """The image selection of a run (before sharding): its size and a digest of the index list."""
+    text = ",".join(str(int(i)) for i in indices)
+    return {"num_images": len(indices), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _check_other_sigmas(out: Path, prefix: str, mode: str, jobs: Sequence[_Job], settings: dict[str, Any],
+                        selection: dict[str, Any], full_idx: Sequence[int]) -> None:
+    """A new sigma must come from the same checkpoint, seed and images as every sigma already in ``out``.
+
+    The sigmas of this call are left to the resume / ``--overwrite`` checks (which compare all settings).
+    Old sidecars without a ``selection`` are compared by count and first/last index when unsharded.
+    """
+    if not out.is_dir():
+        return
+    mine = {sigma_tag(job.sigma) for job in jobs}
+    new = json.loads(json.dumps(settings, default=str))
+    for side_path in sorted(out.glob(f"{prefix}*.json")):
+        try:
+            side = json.loads(side_path.read_text())
+            sigma = float(side["sigma"])
+            old = side["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(old, dict) or side.get("kind") != mode or sigma_tag(sigma) in mine:
+            continue
+        for key in _SAME_RUN_KEYS:
+            there, now = old.get(key), new.get(key)
+            if there != now:
+                what = (f"another checkpoint (sha256 {str(there)[:12]}... there, {str(now)[:12]}... now)"
+                        if key == "checkpoint_sha256" else f"other settings ({key}={there} there, {now} now)")
+                raise UserError(f"{out} holds σ={sigma:g} results of {what}; one directory holds one model's "
+                                "certification (summary.json and report show it as one run): use another --out")
+        old_sel = side.get("selection")
+        if old_sel is None and int(side.get("num_shards") or 1) == 1:  # written before selections were recorded
+            legacy = (side.get("num_images"), side.get("first_idx"), side.get("last_idx"))
+            differs = legacy != (len(full_idx), full_idx[0], full_idx[-1])
+        else:
+            differs = old_sel is not None and old_sel != selection
+        if differs:
+            count = (old_sel or {}).get("num_images", side.get("num_images"))
+            raise UserError(f"{out} holds σ={sigma:g} results for other images ({count} selected there, "
+                            f"{len(full_idx)} now{', not the same ones' if count == len(full_idx) else ''}); "
+                            "certify the same images (--skip/--max) into it, or use another --out")
 
 
 # ------------------------------------------------------------------------------------------- the runner
@@ -340,10 +459,45 @@ class _Engine:
 _FORK_ENGINE: _Engine | None = None
 
 
-def _worker_init(threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker exit when the parent does, even by ``kill -9``: orphaned workers would otherwise wait
+    on their task pipe forever (the forked children hold its write end too, so they never see EOF).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set up by the kernel; elsewhere a thread that watches the
+    parent pid. Workers write no file (the parent writes every row), so SIGKILL loses nothing.
+    """
+    import signal
+    import threading
+
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            armed = ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_init(threads: int, parent: int, close_fds: Sequence[int] = ()) -> None:
     import signal
 
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent may turn SIGTERM into KeyboardInterrupt: not here
+    for fd in close_fds:  # the parent's result-file locks: they must end with the parent, not with a worker
+        with contextlib.suppress(OSError):
+            os.close(fd)
     torch.set_num_threads(threads)
 
 
@@ -359,7 +513,29 @@ def cpu_workers_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _map_groups(engine: _Engine, groups: list[list[int]], workers: int):
+def _worker_death(procs: Mapping[int, Any]) -> UserError:
+    """One line naming the worker that died (e.g. killed by the out-of-memory killer) and how to go on."""
+    import signal
+
+    codes = {pid: p.exitcode for pid, p in procs.items()}
+    # The pool terminates (SIGTERM) the other workers once one has died: name the first one.
+    dead = [pid for pid, c in codes.items() if c not in (None, 0, -signal.SIGTERM)] or \
+        [pid for pid, c in codes.items() if c not in (None, 0)]
+    parts = []
+    for pid in dead:
+        code = codes[pid]
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            why = f"was killed by {name}" + (" (the out-of-memory killer does that)" if code == -signal.SIGKILL else "")
+        else:
+            why = f"exited with status {code}"
+        parts.append(f"worker process {pid} {why}")
+    what = "; ".join(parts) or "a worker process died"
+    return UserError(f"{what}; the rows written so far are kept: rerun the same command to resume (with fewer "
+                     "--workers, or --workers 1, if memory is short)")
+
+
+def _map_groups(engine: _Engine, groups: list[list[int]], workers: int, close_fds: Sequence[int] = ()):
     """Yield ``engine.rows(g)`` for each group in order; with ``workers > 1``, computed by forked processes.
 
     Why processes and not threads: on CPU, one single-threaded process per core certifying its own images
@@ -374,25 +550,35 @@ def _map_groups(engine: _Engine, groups: list[list[int]], workers: int):
         return
     import multiprocessing
     from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, torch.get_num_threads() // workers)
     _FORK_ENGINE = engine
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_worker_init, initargs=(threads,))
+                               initializer=_worker_init, initargs=(threads, os.getpid(), tuple(close_fds)))
     pending: deque = deque()
+    procs: dict[int, Any] = {}
     it = iter(groups)
     try:
         for g in it:  # keep every worker busy with two groups in flight, results taken in order
             pending.append(pool.submit(_worker_rows, g))
+            procs.update(getattr(pool, "_processes", None) or {})
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            rows = pending.popleft().result()
+            fut = pending.popleft()
+            while not wait([fut], timeout=0.5).done:
+                pass  # wake up twice a second: a signal that reached another thread (kill's SIGTERM) runs now
+            rows = fut.result()
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(_worker_rows, nxt))
             yield rows
+    except BrokenProcessPool:
+        procs.update(getattr(pool, "_processes", None) or {})
+        pool.shutdown(wait=True, cancel_futures=True)  # the pool stops the other workers; then read exit codes
+        raise _worker_death(procs) from None
     except BaseException:
         # Interrupted (Ctrl-C, an error, or the consumer stopped): stop the workers now rather than let them
         # finish images whose rows would not be written; the next run resumes after the last written row.
@@ -406,11 +592,48 @@ def _map_groups(engine: _Engine, groups: list[list[int]], workers: int):
         _FORK_ENGINE = None
 
 
-def _run(
+def _run(mode: str, model: BaseClassifier, dataset: Any, **kw: Any) -> dict[str, Any]:
+    """:func:`_run_locked` holding this call's result-file locks (released at the end, or by the OS if the
+    process dies), with SIGTERM handled like Ctrl-C and a failed write (read-only or full disk) reported as
+    one line; rows already written stay, and rerunning the same command resumes after them."""
+    locks = _Locks()
+    try:
+        with sigterm_as_interrupt():
+            return _run_locked(mode, model, dataset, locks=locks, **kw)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(e, kw.get("out_dir"), kept="results written so far are kept: rerun the same command "
+                          "to resume once it can write") from None
+    finally:
+        locks.release()
+
+
+def _write_summary(out: Path, mode: str) -> dict[str, Any]:
+    """Rebuild ``summary.json`` (``predict_summary.json``) from the files; write it only if more than its
+    ``updated`` time changed, so rerunning a finished run writes nothing (and works in a read-only folder)."""
+    summary = summarize_dir(out, mode=mode)
+    path = out / (SUMMARY_FILE if mode == "certify" else PREDICT_SUMMARY_FILE)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and "updated" in old:
+        def same(d: dict[str, Any]) -> str:
+            return json.dumps({**d, "updated": None}, default=str)
+
+        if same(old) == same(json.loads(json.dumps(summary, default=str))):
+            return summary
+    atomic_write_json(path, summary)
+    return summary
+
+
+def _run_locked(
     mode: str,
     model: BaseClassifier,
     dataset: Any,
     *,
+    locks: _Locks,
     sigmas: Sequence[float],
     n0: int | None,
     n: int,
@@ -449,6 +672,7 @@ def _run(
         raise UserError("--workers needs the 'fork' start method (Linux); use --workers 1 here")
     if len(idx_list) <= k:
         raise UserError(f"shard {k}/{num_shards} of {len(idx_list)} images is empty; use fewer shards")
+    full_idx = idx_list
     idx_list = idx_list[k::num_shards]
     if num_classes is None:
         num_classes = len(dataset.classes)
@@ -469,16 +693,30 @@ def _run(
         }
         for job in jobs
     }
-    # Check every sigma's existing files before any work or writing.
+    # Check every sigma's existing files before any work or writing, and again once this process holds the
+    # result files' locks (another process may have written in between).
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    for job in jobs:
-        _check_siblings(job, settings_of[job.sigma], num_shards, out, overwrite)
-    if not overwrite:
+    selection = _selection_of(full_idx)
+
+    def check() -> None:
         for job in jobs:
-            _inspect_existing(job, columns, settings_of[job.sigma], idx_list, out)
+            job.done, job.keep_bytes, job.old_sidecar = [], 0, None
+        _check_other_sigmas(out, prefix, mode, jobs, settings_of[jobs[0].sigma], selection, full_idx)
+        for job in jobs:
+            _check_siblings(job, settings_of[job.sigma], num_shards, out, overwrite)
+        if not overwrite:
+            for job in jobs:
+                _inspect_existing(job, columns, settings_of[job.sigma], idx_list, out)
+
+    check()
+    if not overwrite and all(job.old_sidecar is not None and len(job.done) == len(idx_list) for job in jobs):
+        return _write_summary(out, mode)  # finished: nothing to certify or lock, and no file rewritten
 
     out.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        locks.acquire(_lock_path(job), job.tsv)
+    check()
     if overwrite:
         for job in jobs:
             job.tsv.unlink(missing_ok=True)
@@ -486,7 +724,6 @@ def _run(
 
     git_rev = git_revision()
     env = environment_info()
-    summary_path = out / (SUMMARY_FILE if mode == "certify" else PREDICT_SUMMARY_FILE)
     for job in jobs:
         sigma = job.sigma
         todo = idx_list[len(job.done):]
@@ -500,7 +737,7 @@ def _run(
             "format": FORMAT, "version": FORMAT_VERSION, "kind": mode,
             **settings_of[sigma],
             "num_images": len(idx_list), "first_idx": idx_list[0], "last_idx": idx_list[-1],
-            "shard": k, "num_shards": num_shards,
+            "shard": k, "num_shards": num_shards, "selection": selection,
             "columns": list(columns),
             "columns_note": (
                 "time is seconds per image; count = votes for the selected class among the n_used estimation "
@@ -527,7 +764,7 @@ def _run(
         writer = _RowWriter(job, columns)
         bar = _progress(len(idx_list), n_rows, f"{mode} sigma={sigma:g}", progress)
         try:
-            for rows in _map_groups(engine, groups, workers):
+            for rows in _map_groups(engine, groups, workers, locks.fds()):
                 for line, correct in rows:
                     writer.write(line)
                     n_rows += 1
@@ -537,10 +774,8 @@ def _run(
         finally:
             bar.close()
             writer.close()
-        atomic_write_json(summary_path, summarize_dir(out, mode=mode))
-    summary = summarize_dir(out, mode=mode)
-    atomic_write_json(summary_path, summary)
-    return summary
+        _write_summary(out, mode)
+    return _write_summary(out, mode)
 
 
 def certify_dataset(
@@ -683,10 +918,8 @@ def merge_shards(out_dir: str | os.PathLike, mode: str = "certify") -> dict[str,
             continue
         rows.sort(key=lambda r: int(r[0]))
         text = "\t".join(columns) + "\n" + "".join("\t".join(r) + "\n" for r in rows)
-        atomic_write_text(out / f"{stem}.merged.tsv", text)
-    summary = summarize_dir(out, mode=mode)
-    atomic_write_json(out / (SUMMARY_FILE if mode == "certify" else PREDICT_SUMMARY_FILE), summary)
-    return summary
+        write_if_changed(out / f"{stem}.merged.tsv", text)
+    return _write_summary(out, mode)
 
 
 # ------------------------------------------------------------------------------------------ summaries
