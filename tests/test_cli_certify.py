@@ -274,3 +274,26 @@ def test_sigterm_exits_like_ctrl_c(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 143, (proc.returncode, proc.stderr)
     assert proc.stderr.startswith("terminated (SIGTERM): rerun the same command") and proc.stderr.count("\n") == 1
+
+
+def test_new_sigma_with_another_checkpoint_is_refused(setup, tmp_path):
+    """A new σ certified into an --out holding another checkpoint's results mixed two models in summary.json."""
+    import torch
+
+    from smoothtransfer.models.factory import create_classifier
+    from smoothtransfer.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    other = save_checkpoint(tmp_path / "other.pt", create_classifier("resnet20", num_classes=2, input_size=SIZE),
+                            classes=["cat", "dog"], dataset="tiny", config={})
+    out = tmp_path / "run"
+    one = ["--max", "2", "--workers", "1"]
+    assert certify.run(_args(certify, [*_base(setup, out, *one), "--sigma", "0.25"])) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"holds σ=0.25 results of another checkpoint .*use another --out"):
+        certify.run(_args(certify, [*_base(setup, out, *one), "--sigma", "0.5", "--checkpoint", str(other)]))
+    with pytest.raises(UserError, match=r"σ=0.25 results of other settings \(seed=0 there, 1 now\)"):
+        certify.run(_args(certify, [*_base(setup, out, *one), "--sigma", "0.5", "--seed", "1"]))
+    with pytest.raises(UserError, match=r"σ=0.25 results for other images \(2 selected there, 3 now\)"):
+        certify.run(_args(certify, [*_base(setup, out, "--max", "3", "--workers", "1"), "--sigma", "0.5"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
