@@ -61,7 +61,7 @@ DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # the radii of the papers' tables an
 def _load_model(args: argparse.Namespace, device: torch.device):
     """``(model, num_classes, dataset name or None)`` from --checkpoint, or a random --arch model."""
     if args.checkpoint:
-        from smoothtransfer.train.checkpoint import load_classifier
+        from smoothtransfer.models.checkpoint import load_classifier
 
         model, ckpt = load_classifier(args.checkpoint, device=device)
         ds = ckpt.get("dataset")

@@ -356,7 +356,7 @@ def make_run(tmp_path, monkeypatch, objective: str = "clean", num_images: int = 
     from PIL import Image
 
     from smoothtransfer.models import create_classifier
-    from smoothtransfer.train.checkpoint import save_checkpoint
+    from smoothtransfer.models.checkpoint import save_checkpoint
 
     monkeypatch.setenv("SMOOTHTRANSFER_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

@@ -13,9 +13,8 @@ from torch import nn
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.models import apply_lora, create_classifier
-from smoothtransfer.models.lora import randomize_lora_
-from smoothtransfer.train import checkpoint as ckpt_mod
-from smoothtransfer.train.checkpoint import (
+from smoothtransfer.models import checkpoint as ckpt_mod
+from smoothtransfer.models.checkpoint import (
     FORMAT,
     VERSION,
     capture_rng_state,
@@ -25,6 +24,7 @@ from smoothtransfer.train.checkpoint import (
     save_checkpoint,
     to_weights_only,
 )
+from smoothtransfer.models.lora import randomize_lora_
 
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 

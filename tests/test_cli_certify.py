@@ -34,8 +34,8 @@ def _imagefolder(root, classes, n_per_class=3, size=SIZE):
 def setup(tmp_path_factory):
     import torch
 
+    from smoothtransfer.models.checkpoint import save_checkpoint
     from smoothtransfer.models.factory import create_classifier
-    from smoothtransfer.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
@@ -280,8 +280,8 @@ def test_new_sigma_with_another_checkpoint_is_refused(setup, tmp_path):
     """A new σ certified into an --out holding another checkpoint's results mixed two models in summary.json."""
     import torch
 
+    from smoothtransfer.models.checkpoint import save_checkpoint
     from smoothtransfer.models.factory import create_classifier
-    from smoothtransfer.train.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     other = save_checkpoint(tmp_path / "other.pt", create_classifier("resnet20", num_classes=2, input_size=SIZE),

@@ -122,8 +122,8 @@ def test_ddp_two_process_cpu_pretrain(tmp_path):
 def test_torchrun_certify_shards_and_merges(tmp_path):
     """``torchrun --nproc_per_node=2 -m smoothtransfer.cli certify``: each rank certifies its slice of the images
     (RANK/WORLD_SIZE, no --shard needed), rank 0 merges after a barrier; the merged rows equal a one-process run."""
+    from smoothtransfer.models.checkpoint import save_checkpoint
     from smoothtransfer.models.factory import create_classifier
-    from smoothtransfer.train.checkpoint import save_checkpoint
 
     data = _tiny_imagefolder(tmp_path / "data", n_classes=2, per_class=3, size=8)
     torch.manual_seed(0)

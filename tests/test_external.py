@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.models.checkpoint import load_classifier, save_checkpoint
 from smoothtransfer.models.external import load_external, load_peer_checkpoint, parse_source
-from smoothtransfer.train.checkpoint import load_classifier, save_checkpoint
 
 torch.set_num_threads(1)
 

@@ -263,7 +263,7 @@ def test_build_from_spec_round_trip():
 
 @pytest.mark.parametrize("name", ["resnet20", "wrn28_10", "resnet50"])
 def test_group_norm_spec_round_trip_and_legacy_specs(name, tmp_path):
-    from smoothtransfer.train.checkpoint import load_classifier, save_checkpoint
+    from smoothtransfer.models.checkpoint import load_classifier, save_checkpoint
 
     with torch.device("meta"):
         model = create_classifier(name, 10, norm="group")

@@ -116,8 +116,8 @@ def load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from smoothtransfer.data.datasets import get_dataset
     from smoothtransfer.data.subsets import evenly_spaced
     from smoothtransfer.evaluation.attacks import check_classifier
+    from smoothtransfer.models.checkpoint import load_classifier
     from smoothtransfer.models.external import parse_source
-    from smoothtransfer.train.checkpoint import load_classifier
     from smoothtransfer.utils import resolve_device
 
     device = resolve_device(args.device)

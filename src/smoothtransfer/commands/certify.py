@@ -235,7 +235,7 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if external is None and not ckpt_path.exists():
         raise UserError(f"checkpoint {ckpt_path} does not exist")
     try:
-        from smoothtransfer.train.checkpoint import load_classifier
+        from smoothtransfer.models.checkpoint import load_classifier
     except ImportError:
         raise UserError("loading checkpoints is not available in this installation (smoothtransfer.train)") from None
     classifier, ckpt = load_classifier(str(external or ckpt_path), device=device)

@@ -6,11 +6,16 @@
 timm and peft are imported only when a model that needs them is built.
 """
 
+from smoothtransfer.models.checkpoint import (
+    build_from_spec,
+    load_checkpoint,
+    load_classifier,
+    save_checkpoint,
+)
 from smoothtransfer.models.factory import (
     MODELS,
     Classifier,
     ModelEntry,
-    build_from_spec,
     create_classifier,
 )
 from smoothtransfer.models.lora import apply_lora, lora_parameters, merge_lora
@@ -29,6 +34,9 @@ __all__ = [
     "build_from_spec",
     "create_classifier",
     "get_norm_layer",
+    "load_checkpoint",
+    "load_classifier",
     "lora_parameters",
     "merge_lora",
+    "save_checkpoint",
 ]

@@ -3,7 +3,7 @@
 Each loads into a :class:`~smoothtransfer.models.factory.Classifier` (images in [0,1] → logits, the input
 preprocessing as its first layers), so certification, prediction and ``save_checkpoint`` treat it like a model
 trained here. A source is written ``FORMAT:LOCATION`` wherever a checkpoint path is accepted
-(``certify/predict/noise-profile --checkpoint``, :func:`~smoothtransfer.train.checkpoint.load_classifier`):
+(``certify/predict/noise-profile --checkpoint``, :func:`~smoothtransfer.models.checkpoint.load_classifier`):
 
 =========================  ===========================================================================================
 ``cohen:FILE``             locuslab/smoothing (Cohen et al. 2019): ``{'arch', 'state_dict', ...}`` of
@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.models.factory import Classifier, create_classifier
+from smoothtransfer.models.normalize import InputNormalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -238,11 +240,9 @@ def load_peer_checkpoint(path: str | os.PathLike, fmt: str = "cohen", *,
 
     ``fmt``: one of :data:`PEER_FORMATS`. ``mean``/``std`` override the input normalisation the format implies
     (e.g. for a Cohen-style model trained on another dataset). Returns ``(model, info)``; ``info`` has the keys
-    :func:`~smoothtransfer.train.checkpoint.load_classifier` returns (``model_spec``, ``classes`` = None,
+    :func:`~smoothtransfer.models.checkpoint.load_classifier` returns (``model_spec``, ``classes`` = None,
     ``dataset``, ``epoch``) plus ``source``, ``reference_arch`` and ``identity`` (format + file SHA-256).
     """
-    from smoothtransfer.models.factory import create_classifier
-
     if fmt not in PEER_FORMATS:
         raise UserError(f"unknown checkpoint format '{fmt}'; choose from: {', '.join(PEER_FORMATS)}")
     peer = PEER_FORMATS[fmt]
@@ -422,9 +422,6 @@ def _timm_spec(model: nn.Module, architecture: str, model_args: dict[str, Any], 
 
 
 def _wrap_timm(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    from smoothtransfer.models.factory import Classifier
-    from smoothtransfer.models.normalize import InputNormalize
-
     kw = spec["kwargs"]
     backbone = TimmBackbone(model, tuple(kw["image_size"]), kw["interpolation"])
     return Classifier(InputNormalize(spec["mean"], spec["std"]), backbone, spec)

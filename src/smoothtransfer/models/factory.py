@@ -1,8 +1,9 @@
 """Model registry and the :class:`Classifier` every other module works with.
 
 A classifier is ``InputNormalize`` (first layer; mean/std in ``state_dict`` and in ``spec``) → optional
-resize → backbone. ``spec`` is a JSON-able dict from which :func:`build_from_spec` rebuilds the same
-architecture (incl. LoRA adapters) without downloading anything, so a checkpoint is ``spec + state_dict``.
+resize → backbone. ``spec`` is a JSON-able dict from which
+:func:`smoothtransfer.models.checkpoint.build_from_spec` rebuilds the same architecture (incl. LoRA adapters)
+without downloading anything, so a checkpoint is ``spec + state_dict``.
 
 Model names (``MODELS.names()``):
 
@@ -38,7 +39,6 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.models.normalize import CIFAR10_MEAN, CIFAR10_STD, InputNormalize
 from smoothtransfer.models.norms import (
     DEFAULT_GROUP_RULE,
-    LEGACY_GROUP_RULE,
     check_group_rule,
     get_norm_layer,
 )
@@ -275,46 +275,3 @@ def _norm_groups(backbone: nn.Module) -> dict[str, int]:
     """``{"<channels>": groups}`` of the GroupNorm layers in ``backbone`` (JSON keys), by width."""
     groups = {m.num_channels: m.num_groups for m in backbone.modules() if isinstance(m, nn.GroupNorm)}
     return {str(c): groups[c] for c in sorted(groups)}
-
-
-_SPEC_KEYS = ("arch", "num_classes", "norm", "mean", "std", "input_size", "in_chans", "kwargs")
-
-
-def build_from_spec(spec: dict[str, Any]) -> Classifier:
-    """Rebuild the architecture described by ``spec`` (as in ``Classifier.spec``), randomly initialised.
-
-    LoRA adapters in ``spec["lora"]`` are re-applied, so the model accepts the saved ``state_dict``.
-    Nothing is downloaded (``pretrained`` is only recorded). Unknown archs raise UserError.
-    """
-    if not isinstance(spec, dict):
-        raise UserError(f"model spec must be a dict, got {type(spec).__name__}")
-    missing = [k for k in _SPEC_KEYS if k not in spec]
-    if missing:
-        raise UserError(f"model spec is missing {', '.join(missing)}")
-    if not isinstance(spec["kwargs"], dict):
-        raise UserError("model spec 'kwargs' must be a dict")
-    if spec["arch"] == "timm":  # an off-the-shelf timm classifier (smoothtransfer.models.external)
-        from smoothtransfer.models.external import build_timm_from_spec
-
-        model = build_timm_from_spec(spec)
-    else:
-        kwargs = dict(spec["kwargs"])
-        if spec["norm"] == "group":
-            # specs written before group_rule existed were built with the old rule: rebuild them as trained
-            kwargs.setdefault("group_rule", LEGACY_GROUP_RULE)
-        model = create_classifier(spec["arch"], spec["num_classes"], norm=spec["norm"], mean=spec["mean"],
-                                  std=spec["std"], input_size=spec["input_size"], in_chans=spec["in_chans"],
-                                  pretrained=False, **kwargs)
-        recorded = spec.get("norm_groups")
-        if recorded is not None and recorded != model.spec.get("norm_groups"):
-            raise UserError(f"model spec records GroupNorm groups {recorded} but its group_rule builds "
-                            f"{model.spec.get('norm_groups')}")
-    model.spec["pretrained"] = bool(spec.get("pretrained", False))
-    lora = spec.get("lora")
-    if lora:
-        from smoothtransfer.models.lora import apply_lora
-
-        if not isinstance(lora, dict):
-            raise UserError("model spec 'lora' must be a dict or null")
-        apply_lora(model, **lora)
-    return model

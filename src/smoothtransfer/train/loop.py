@@ -22,7 +22,21 @@ from tqdm.auto import tqdm
 
 from smoothtransfer._optional import MissingExtra, require
 from smoothtransfer.config import TrainConfig, dump_yaml, from_dict, to_dict
+from smoothtransfer.data.datasets import get_dataset
+from smoothtransfer.data.subsets import k_shot_indices, train_val_split
+from smoothtransfer.data.transforms import TRAIN_AUGMENTS
 from smoothtransfer.errors import UserError
+from smoothtransfer.models.checkpoint import (
+    build_from_spec,
+    load_checkpoint,
+    load_classifier,
+    save_checkpoint,
+)
+from smoothtransfer.models.denoisers import check_compatible, load_denoiser
+from smoothtransfer.models.external import parse_source
+from smoothtransfer.models.factory import create_classifier
+from smoothtransfer.models.lora import apply_lora
+from smoothtransfer.objectives import build_objective
 from smoothtransfer.train import distributed as D
 from smoothtransfer.train.optim import build_optimizer, build_scheduler, param_groups
 from smoothtransfer.utils import (
@@ -60,9 +74,6 @@ class Prepared:
 
 
 def _split_data(cfg: TrainConfig):
-    from smoothtransfer.data.datasets import get_dataset
-    from smoothtransfer.data.subsets import k_shot_indices, train_val_split
-
     ds = get_dataset(cfg.data.dataset, cfg.data.split, root=cfg.data.data_root, download=cfg.data.download)
     if cfg.data.max_classes is not None:
         k = cfg.data.max_classes
@@ -88,9 +99,6 @@ def _split_data(cfg: TrainConfig):
 
 
 def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
-    from smoothtransfer.models import build_from_spec, create_classifier
-    from smoothtransfer.train.checkpoint import load_checkpoint
-
     info = ds.info
     num_classes = len(ds.classes)
     if cfg.stage == "pretrain":
@@ -98,11 +106,7 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
                                   mean=tuple(info.mean), std=tuple(info.std), input_size=info.image_size,
                                   in_chans=info.channels, pretrained=cfg.model.pretrained, **cfg.model.kwargs)
     else:
-        from smoothtransfer.models.external import parse_source
-
         if parse_source(cfg.init) is not None:  # cohen:FILE, hf-hub:ORG/NAME, ...: a model trained elsewhere
-            from smoothtransfer.train.checkpoint import load_classifier
-
             loaded, ckpt = load_classifier(cfg.init)
             ckpt = {**ckpt, "state_dict": loaded.state_dict()}
         else:
@@ -131,8 +135,6 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
     head_params = {id(p) for p in model.head_parameters()}
     frozen = cfg.stage == "finetune" and cfg.mode in ("fixed", "head")
     if cfg.stage == "finetune" and cfg.mode == "lora":
-        from smoothtransfer.models.lora import apply_lora
-
         model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         head_params = {id(p) for p in model.head_parameters()}
     elif frozen:
@@ -142,15 +144,12 @@ def _build_model(cfg: TrainConfig, ds) -> tuple[nn.Module, set[str], bool]:
 
 
 def _build_objective(cfg: TrainConfig, model: nn.Module, device: torch.device) -> nn.Module:
-    from smoothtransfer.objectives.base import build_objective
-
     params = dict(cfg.objective.params)
     if cfg.objective.name == "simclr":
         params.setdefault("feature_dim", model.num_features)
     if cfg.objective.name == "ftcadis":
         if cfg.denoiser is None:
             raise UserError("objective ftcadis needs a denoiser: pass --denoiser DIR")
-        from smoothtransfer.models.denoisers import check_compatible, load_denoiser
 
         denoiser = load_denoiser(cfg.denoiser, device)
         check_compatible(denoiser, model.spec)
@@ -271,8 +270,6 @@ def check_out_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> di
     A finished run with the same settings is reused (returns a dict with ``finished``); different settings
     or an unfinished run without ``--resume`` are UserErrors, so nothing is overwritten by accident.
     """
-    from smoothtransfer.train.checkpoint import load_checkpoint
-
     path = Path(cfg.out) / CHECKPOINT
     if not path.exists() or overwrite:
         return None
@@ -299,8 +296,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     ``_stop_after_steps`` simulates an interruption (tests): the run raises KeyboardInterrupt after that many
     optimiser steps, right after the checkpoint that ``checkpoint_every`` would write.
     """
-    from smoothtransfer.train.checkpoint import save_checkpoint
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -437,8 +432,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                 x = _to_float(prep.train_images[idx], device)
                 y = prep.train_targets[idx].to(device, non_blocking=True)
                 if cfg.data.augment != "none" and getattr(objective, "uses_labels", True):
-                    from smoothtransfer.data.transforms import TRAIN_AUGMENTS
-
                     x = TRAIN_AUGMENTS.get(cfg.data.augment)(x)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -517,8 +510,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     if dist.is_main:
         if cfg.select == "best" and (out / BEST).exists():
-            from smoothtransfer.train.checkpoint import load_checkpoint
-
             model_to_load = weights_for_eval()
             model_to_load.load_state_dict(load_checkpoint(out / BEST)["state_dict"])
         save(cfg.epochs, 0, True)
