@@ -38,13 +38,13 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+#: Every objective is registered by the time anyone can call :func:`build_objective`: importing this module
+#: first runs the package's ``__init__``, which imports each objective's module.
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def build_objective(name: str, **params) -> Objective:
     """Instantiate the objective registered as ``name``; unknown parameters are a UserError."""
-    import smoothtransfer.objectives  # noqa: F401  (registers every objective)
-
     cls = OBJECTIVES.get(name)
     sig = inspect.signature(cls.__init__)
     accepted = {p for p in sig.parameters if p != "self"}

@@ -40,20 +40,23 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy.stats import binom
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.smoothing.checks import ABSTAIN, check_alpha, positive_int
 from smoothtransfer.smoothing.sampling import NoiseStream, eval_mode
-from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth, _check_alpha, _positive_int
 from smoothtransfer.smoothing.stats import (
     certified_radius,
     clopper_pearson_lower,
     clopper_pearson_upper,
 )
+
+if TYPE_CHECKING:  # smooth.py imports this module (Smooth.certify_sequential); only the annotation needs Smooth
+    from smoothtransfer.smoothing.smooth import Smooth
 
 __all__ = ["SequentialCertificate", "StagePlan", "certify_sequential", "plan_stages", "sequential_decide",
            "stage_sizes"]
@@ -105,7 +108,7 @@ def stage_sizes(n_max: int, n_first: int = 100, growth: float = 2.0) -> list[int
     >>> stage_sizes(1000, 100, 2.0)
     [100, 200, 400, 800, 1000]
     """
-    n_max, n_first = _positive_int(n_max, "n_max"), _positive_int(n_first, "n_first")
+    n_max, n_first = positive_int(n_max, "n_max"), positive_int(n_first, "n_first")
     if not (isinstance(growth, int | float) and growth > 1 and math.isfinite(growth)):
         raise UserError(f"growth must be a number > 1, got {growth}")
     sizes, s = [], 0
@@ -185,8 +188,8 @@ def plan_stages(n_max: int, alpha: float, thresholds: Sequence[float] = (), *, n
     >>> plan_stages(1000, 0.01, n_first=100).sizes
     (100, 200, 400, 800, 1000)
     """
-    n_max, n_first = _positive_int(n_max, "n_max"), _positive_int(n_first, "n_first")
-    alpha = _check_alpha(alpha)
+    n_max, n_first = positive_int(n_max, "n_max"), positive_int(n_first, "n_first")
+    alpha = check_alpha(alpha)
     if not (isinstance(final_share, int | float) and 0 < final_share < 1):
         raise UserError(f"final_share must lie strictly between 0 and 1, got {final_share}")
     stage_sizes(n_max, n_first, growth)  # validates growth
@@ -284,11 +287,11 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, n0: int, n_max: int, alp
         :class:`SequentialCertificate`. Stops after the first stage at which every grid radius is decided;
         one host sync per stage.
     """
-    if not isinstance(smooth, Smooth):
+    if not all(hasattr(smooth, a) for a in ("check_input", "counts", "base_classifier", "sigma")):  # a Smooth
         raise UserError(f"certify_sequential needs a Smooth, got {type(smooth).__name__}")
-    x = smooth._check_x(x)
-    n0, n_max = _positive_int(n0, "n0"), _positive_int(n_max, "n_max")
-    alpha = _check_alpha(alpha)
+    x = smooth.check_input(x)
+    n0, n_max = positive_int(n0, "n0"), positive_int(n_max, "n_max")
+    alpha = check_alpha(alpha)
     grid = _check_radii(radii)
     for name, v in (("futility", futility), ("futility_level", futility_level)):
         if not (isinstance(v, int | float) and 0 <= v < 1):
@@ -300,13 +303,13 @@ def certify_sequential(smooth: Smooth, x: torch.Tensor, n0: int, n_max: int, alp
     plan = plan_stages(n_max, alpha, thresholds, n_first=n_first, growth=growth, final_share=final_share)
 
     with eval_mode(smooth.base_classifier):
-        counts0 = smooth._counts(x, n0, batch_size, generator)
+        counts0 = smooth.counts(x, n0, batch_size, generator)
         c_a = int(counts0.argmax())  # needed on the host for every stage's decision anyway
         # One noise stream for all stages: stage s sees the first n_s of certify_full's estimation samples.
         stream = NoiseStream(tuple(x.shape), x.device, generator)
 
         def draw(num: int) -> int:
-            return int(smooth._counts(x, num, batch_size, stream)[c_a])  # one host sync per stage
+            return int(smooth.counts(x, num, batch_size, stream)[c_a])  # one host sync per stage
 
         d = sequential_decide(draw, plan, thresholds, futility=futility, futility_level=futility_level)
 

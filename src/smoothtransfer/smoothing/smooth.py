@@ -23,7 +23,6 @@ classifier, so certificates are as sound as in float32, for the (possibly bf16) 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,14 +32,14 @@ import torch
 from torch import nn
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.smoothing import sequential
+from smoothtransfer.smoothing.checks import ABSTAIN, check_alpha, positive_int
 from smoothtransfer.smoothing.fast import AMP_AUTO, FastClassifier, prepare, resolve_amp
 from smoothtransfer.smoothing.sampling import auto_batch_size, eval_mode, sample_counts, sample_counts_multi
 from smoothtransfer.smoothing.stats import binom_pvalue, certified_radius, clopper_pearson_lower
 
 __all__ = ["ABSTAIN", "Certificate", "Smooth"]
 
-#: Returned as the prediction when the smoothed classifier abstains.
-ABSTAIN = -1
 #: The smallest noise level accepted: float32's machine epsilon. Noise is drawn in float32 and added to pixels
 #: in [0,1]; below this, sigma * z is mostly lost to rounding (1e-300 even rounds to 0.0 in float32), so the
 #: "smoothed" classifier is the base classifier and a certificate would describe noise that was never added.
@@ -84,26 +83,6 @@ class Certificate:
         return asdict(self)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise UserError(f"{name} must be a positive integer, got {value!r}") from None
-    if v < 1:
-        raise UserError(f"{name} must be a positive integer, got {v}")
-    return v
-
-
-def _check_alpha(alpha: Any) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise UserError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
-    if not 0.0 < a < 1.0:
-        raise UserError(f"alpha must lie strictly between 0 and 1, got {alpha}")
-    return a
-
-
 class Smooth:
     """Smoothed classifier around ``base_classifier`` at noise level ``sigma``.
 
@@ -128,7 +107,7 @@ class Smooth:
                  amp_dtype: torch.dtype | str | None = AMP_AUTO, fast: bool = True) -> None:
         if not isinstance(base_classifier, nn.Module):
             raise UserError(f"base_classifier must be a torch.nn.Module, got {type(base_classifier).__name__}")
-        self.num_classes = _positive_int(num_classes, "num_classes")
+        self.num_classes = positive_int(num_classes, "num_classes")
         if self.num_classes < 2:
             raise UserError(f"num_classes must be at least 2, got {self.num_classes}")
         try:
@@ -164,7 +143,8 @@ class Smooth:
                 f"sigma={self.sigma}, amp_dtype={self.amp_dtype}, fast={self.fast})")
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _check_x(self, x: Any) -> torch.Tensor:
+    def check_input(self, x: Any) -> torch.Tensor:
+        """``x`` if it is one float image ``(C,H,W)`` on the base classifier's device; UserError otherwise."""
         if not isinstance(x, torch.Tensor):
             raise UserError(f"x must be a torch.Tensor image (C,H,W), got {type(x).__name__}")
         if x.dim() != 3:
@@ -188,9 +168,10 @@ class Smooth:
     def _batch(self, batch_size: int | None, x: torch.Tensor) -> int:
         return self.batch_size_for(tuple(x.shape[-3:]), x.device) if batch_size is None else batch_size
 
-    def _counts(self, x: torch.Tensor, num: int, batch_size: int | None,
+    def counts(self, x: torch.Tensor, num: int, batch_size: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-        """Vote counts ``(num_classes,)`` on ``x``'s device (no host sync)."""
+        """Vote counts ``(num_classes,)`` of ``num`` noisy copies of ``x``, on ``x``'s device (no host sync);
+        ``generator`` may be a :class:`~smoothtransfer.smoothing.sampling.NoiseStream` to continue one stream."""
         return sample_counts(self.base_classifier, x, self.sigma, num, self._batch(batch_size, x), self.num_classes,
                              generator=generator, amp_dtype=self._sampling_amp)
 
@@ -207,11 +188,11 @@ class Smooth:
                 the answer does not depend on it under a seeded generator.
             generator: optional seeded ``torch.Generator`` on ``x``'s device type.
         """
-        x = self._check_x(x)
-        n = _positive_int(n, "n")
-        alpha = _check_alpha(alpha)
+        x = self.check_input(x)
+        n = positive_int(n, "n")
+        alpha = check_alpha(alpha)
         with eval_mode(self.base_classifier):
-            counts = self._counts(x, n, batch_size, generator)
+            counts = self.counts(x, n, batch_size, generator)
         top2_counts, top2_idx = counts.topk(2)
         (n_a, n_b), (c_a, _) = torch.stack([top2_counts, top2_idx]).tolist()  # the one host sync
         if binom_pvalue(n_a, n_a + n_b, 0.5) > alpha:
@@ -232,15 +213,15 @@ class Smooth:
             generator: optional seeded ``torch.Generator`` on ``x``'s device type; both draws come from it
                 one after the other, so they are independent.
         """
-        x = self._check_x(x)
-        n0 = _positive_int(n0, "n0")
-        n = _positive_int(n, "n")
-        alpha = _check_alpha(alpha)
+        x = self.check_input(x)
+        n0 = positive_int(n0, "n0")
+        n = positive_int(n, "n")
+        alpha = check_alpha(alpha)
         with eval_mode(self.base_classifier):
-            counts_selection = self._counts(x, n0, batch_size, generator)
+            counts_selection = self.counts(x, n0, batch_size, generator)
             # The guess stays on the device; the estimation draws are new noise (never reuse the n0 votes).
             c_a = counts_selection.argmax()
-            counts_estimation = self._counts(x, n, batch_size, generator)
+            counts_estimation = self.counts(x, n, batch_size, generator)
         c_a, n_a = torch.stack([c_a, counts_estimation[c_a]]).tolist()  # the one host sync
         p_lower = clopper_pearson_lower(n_a, n, alpha)
         if p_lower < 0.5:
@@ -270,10 +251,10 @@ class Smooth:
         if not isinstance(xs, torch.Tensor) or xs.dim() != 4 or xs.shape[0] < 1:
             raise UserError(f"xs must be a batch of images (B,C,H,W), got shape {tuple(getattr(xs, 'shape', ()))}")
         for x in xs[:1]:
-            self._check_x(x)
-        n0 = _positive_int(n0, "n0")
-        n = _positive_int(n, "n")
-        alpha = _check_alpha(alpha)
+            self.check_input(x)
+        n0 = positive_int(n0, "n0")
+        n = positive_int(n, "n")
+        alpha = check_alpha(alpha)
         batch_size = self._batch(batch_size, xs[0])
         with eval_mode(self.base_classifier):
             counts_selection = sample_counts_multi(self.base_classifier, xs, self.sigma, n0, batch_size,
@@ -301,9 +282,9 @@ class Smooth:
         if not isinstance(xs, torch.Tensor) or xs.dim() != 4 or xs.shape[0] < 1:
             raise UserError(f"xs must be a batch of images (B,C,H,W), got shape {tuple(getattr(xs, 'shape', ()))}")
         for x in xs[:1]:
-            self._check_x(x)
-        n = _positive_int(n, "n")
-        alpha = _check_alpha(alpha)
+            self.check_input(x)
+        n = positive_int(n, "n")
+        alpha = check_alpha(alpha)
         batch_size = self._batch(batch_size, xs[0])
         with eval_mode(self.base_classifier):
             counts = sample_counts_multi(self.base_classifier, xs, self.sigma, n, batch_size, self.num_classes,
@@ -323,6 +304,4 @@ class Smooth:
     def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int | None,
                            radii, generator: torch.Generator | None = None, **kwargs):
         """Sample-saving certification on a grid of radii; see :func:`smoothing.sequential.certify_sequential`."""
-        from smoothtransfer.smoothing.sequential import certify_sequential
-
-        return certify_sequential(self, x, n0, n_max, alpha, batch_size, radii, generator=generator, **kwargs)
+        return sequential.certify_sequential(self, x, n0, n_max, alpha, batch_size, radii, generator=generator, **kwargs)
