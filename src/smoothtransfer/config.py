@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -276,3 +278,100 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# typed job configs (certify, predict, attack, noise profile, denoiser training, report): see job_configs.py
+
+
+def opt(default: Any = MISSING, *, help: str, flags: tuple[str, ...] | None = None, metavar: str | None = None,
+        choices: tuple | None = None, positional: bool = False, group: str | None = None,
+        argtype: Any = None) -> Any:
+    """A job-config field with what its command-line flag needs: ``help``, its spellings (``flags``; default
+    ``--name-with-dashes``), ``metavar``, ``choices``, ``positional``, the ``--help`` ``group`` it is listed in and
+    the parser's ``argtype`` where the type hint does not say (e.g. ``--workers auto|W``). The flags of
+    every command are generated from these (``smoothtransfer.commands._flags``)."""
+    meta = {"help": help, "flags": flags, "metavar": metavar, "choices": choices, "positional": positional,
+            "group": group, "argtype": argtype}
+    return field(default=default, metadata=meta)
+
+
+def flag(cls: Any, name: str) -> str:
+    """How the command line spells field ``name`` of job config ``cls`` (``sigmas`` of certify: ``--sigma``);
+    error messages name a bad key this way, the same words for a command-line and a Python user."""
+    f = {f.name: f for f in fields(cls)}[name]
+    if f.metadata.get("positional"):
+        return name
+    return (f.metadata.get("flags") or ("--" + name.replace("_", "-"),))[0]
+
+
+class JobConfig:
+    """Base of the frozen job-config dataclasses: values are coerced to the field types when the config is
+    built (``0`` → ``0.0`` for a float, a list or a single number → a tuple, a ``Path`` → its string), as the
+    command line's parser does, so a config from Python, YAML or flags writes the same result files.
+    ``validate()`` checks ranges and returns the config to use (defaults that depend on other keys filled in);
+    a bad value is a UserError naming the key as its flag."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = _coerce_job(getattr(self, f.name), type_text(f), flag(type(self), f.name))
+            object.__setattr__(self, f.name, value)
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def _flag(self, name: str) -> str:
+        return flag(type(self), name)
+
+
+def type_text(f: dataclasses.Field) -> str:
+    """A field's annotation as written (``"tuple[float, ...] | None"``; modules here use postponed annotations)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _coerce_job(value: Any, hint: str, key: str) -> Any:
+    if value is None:
+        if "None" not in hint:
+            raise UserError(f"{key} must be given")
+        return None
+    base = hint.replace(" | None", "")
+    if base.startswith("tuple["):
+        elem = base[len("tuple["):].split(",")[0].strip().rstrip("]")
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce_job(v, elem, key) for v in items)
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if base == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    if base == "str":
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def check_finite(value: float, key: str, *, low: float = 0.0, strict: bool = True) -> None:
+    """UserError ``KEY must be > LOW, got V`` unless ``value`` is finite and above (or at, ``strict=False``) low."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    _check(ok, f"{key} must be {'>' if strict else '>='} {low:g}, got {value:g}")
