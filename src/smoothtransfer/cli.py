@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from smoothtransfer import __version__
+from smoothtransfer.errors import UserError
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,8 +39,6 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smoothtransfer.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load=command if command in COMMANDS else None)
@@ -47,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # lazy like the commands: utils imports torch, which `smoothtransfer --help` does not need
     from smoothtransfer.utils import WRITE_ERRNOS, Terminated, set_progress, sigterm_as_interrupt, write_error
 
     set_progress(not getattr(args, "no_progress", False))

@@ -39,6 +39,7 @@ from torch import nn
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.smoothing.sampling import eval_mode
+from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def _check_eps(eps: Any) -> float:
     return e
 
 
-def _check_pos_int(value: Any, name: str) -> int:
+def check_pos_int(value: Any, name: str) -> int:
+    """``value`` as an ``int >= 1`` (``3.0`` counts, ``True`` does not); UserError naming ``name`` otherwise."""
     try:
         ok = not isinstance(value, bool) and int(value) == value and value >= 1
     except (TypeError, ValueError):
@@ -99,7 +101,8 @@ def _generator(seed: int | None, generator: torch.Generator | None, x: torch.Ten
     return torch.Generator(device=x.device).manual_seed(int(seed))
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -229,7 +232,7 @@ def pgd_l2(
     else from torch's default RNG. The model runs in eval mode (each module's flag restored afterwards).
     """
     eps = _check_eps(eps)
-    steps = _check_pos_int(steps, "steps")
+    steps = check_pos_int(steps, "steps")
     _check_batch(x, y)
     step_size = 2.5 * eps / steps if step_size is None else _check_eps(step_size)
     gen = _generator(seed, generator, x)
@@ -344,8 +347,8 @@ def autopgd_l2(
     The model runs in eval mode (each module's flag restored afterwards).
     """
     eps = _check_eps(eps)
-    steps = _check_pos_int(steps, "steps")
-    n_restarts = _check_pos_int(n_restarts, "n_restarts")
+    steps = check_pos_int(steps, "steps")
+    n_restarts = check_pos_int(n_restarts, "n_restarts")
     if loss not in ("ce", "dlr"):
         raise UserError(f"autopgd loss must be 'ce' or 'dlr', got {loss!r}")
     _check_batch(x, y)
@@ -396,8 +399,8 @@ def smoothed_pgd(
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma > 0):
         raise UserError(f"sigma must be a positive number, got {sigma}")
-    steps = _check_pos_int(steps, "steps")
-    m = _check_pos_int(m, "m (noise samples per step)")
+    steps = check_pos_int(steps, "steps")
+    m = check_pos_int(m, "m (noise samples per step)")
     _check_batch(x, y)
     _check_generator(generator, x)
     step_size = 2.0 * eps / steps if step_size is None else _check_eps(step_size)
@@ -426,7 +429,7 @@ def smoothed_pgd(
 # dataset-level evaluation
 
 
-def _batches(
+def iter_batches(
     data, batch_size: int, indices: Sequence[int] | None, device: torch.device
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """``(x (B,C,H,W) float [0,1], y (B,))`` batches from a Dataset (optionally ``indices``) or a loader."""
@@ -502,18 +505,17 @@ def robust_accuracy(
     Returns ``{"standard_acc", "robust_acc", "n"}`` (plus ``"abstain_clean"``/``"abstain_adv"`` for smoothed).
     """
     eps = _check_eps(eps)
-    batch_size = _check_pos_int(batch_size, "batch_size")
+    batch_size = check_pos_int(batch_size, "batch_size")
     if steps is not None:
-        steps = _check_pos_int(steps, "steps")
+        steps = check_pos_int(steps, "steps")
     k = check_classifier(model, num_classes)
-    device = _device_of(model)
+    device = device_of(model)
     smoothed = attack == "smoothed-pgd"
     if smoothed:
         if sigma is None:
             raise UserError("the smoothed-pgd attack needs sigma (the smoothing noise level)")
         if k is None:
             raise UserError("smoothed-pgd needs num_classes (the model has no spec)")
-        from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
 
         smooth = Smooth(model, k, sigma, fast=False)  # the float32 model the attack differentiates
         if generator is None:
@@ -525,7 +527,7 @@ def robust_accuracy(
             attack, eps, steps, n_restarts=n_restarts, step_size=step_size, seed=seed
         )
     total = clean_ok = robust_ok = abst_clean = abst_adv = 0
-    batches = _batches(data, batch_size, indices, device)
+    batches = iter_batches(data, batch_size, indices, device)
     if progress:
         from tqdm import tqdm
 
@@ -593,22 +595,20 @@ def certificate_check(
     predictions that abstained, and one row per image (``idx, label, prediction, radius, eps, adv_prediction,
     adv_distance, violation``).
     """
-    from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth
-
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma > 0):
         raise UserError(f"sigma must be a positive number, got {sigma}")
     if not 0 < eps_fraction < 1:
         raise UserError(f"eps_fraction must lie strictly between 0 and 1, got {eps_fraction}")
-    steps = _check_pos_int(steps, "steps")
-    m = _check_pos_int(m, "m (noise samples per step)")
+    steps = check_pos_int(steps, "steps")
+    m = check_pos_int(m, "m (noise samples per step)")
     info = getattr(dataset, "info", None)
     k = check_classifier(
         model, num_classes if num_classes is not None else getattr(info, "num_classes", None)
     )
     if k is None:
         raise UserError("certificate_check needs num_classes (the model has no spec and the dataset no info)")
-    device = _device_of(model)
+    device = device_of(model)
     # fast=False by default: certify and predict the float32 model the attack differentiates
     smooth = smooth_factory(model, k, sigma) if smooth_factory else Smooth(model, k, sigma, fast=False)
     idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from smoothtransfer.errors import UserError
-from smoothtransfer.evaluation.attacks import _batches, _check_pos_int, _device_of, check_classifier
+from smoothtransfer.evaluation.attacks import check_classifier, check_pos_int, device_of, iter_batches
 
 #: The noise levels of the paper's Table 2 (sigma in [0,1] pixel units).
 DEFAULT_SIGMAS = (0.001, 0.01, 0.1, 0.25, 0.5, 1.0)
@@ -55,16 +55,16 @@ def noise_profile(
     Returns ``{sigma: accuracy}`` in the order given (``sigma=0`` gives the clean accuracy).
     """
     sigmas = check_sigmas(sigmas)
-    batch_size = _check_pos_int(batch_size, "batch_size")
+    batch_size = check_pos_int(batch_size, "batch_size")
     info = getattr(dataset, "info", None)
     check_classifier(model, num_classes if num_classes is not None else getattr(info, "num_classes", None))
-    device = _device_of(model)
+    device = device_of(model)
     correct = dict.fromkeys(sigmas, 0)
     total = 0
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        for x, y in _batches(dataset, batch_size, indices, device):
+        for x, y in iter_batches(dataset, batch_size, indices, device):
             for s in sigmas:
                 gdev = generator.device if generator is not None else device
                 noise = torch.randn(x.shape, generator=generator, device=gdev, dtype=torch.float32).to(device)

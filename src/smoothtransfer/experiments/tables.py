@@ -29,6 +29,7 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.experiments import store
 from smoothtransfer.experiments.spec import EVAL_KINDS, Experiment
 from smoothtransfer.reporting.compare import UNRESOLVED, clopper_pearson, paired_difference, verdict
+from smoothtransfer.reporting.plots import plot_certified_accuracy
 from smoothtransfer.reporting.tables import CAP_NOTE, cap_mark, load_run
 from smoothtransfer.utils import atomic_write_text, git_revision
 
@@ -358,9 +359,6 @@ def _notes(exp: Experiment) -> list[str]:
 
 def write_report(exp: Experiment, results: dict) -> Path:
     """``OUT/report.md`` (tables + settings) and ``OUT/certified_accuracy.png`` (curves of every certified run)."""
-    # lazy: matplotlib is only needed for the figure
-    from smoothtransfer.reporting.plots import plot_certified_accuracy
-
     body = [f"# {exp.spec.get('title', exp.name)}", "", f"_{settings_line(exp, results)}_", ""]
     if exp.spec.get("paper"):
         body += [f"Paper: {exp.spec['paper']}", ""]

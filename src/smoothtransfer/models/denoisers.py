@@ -30,6 +30,7 @@ from torch import nn
 
 from smoothtransfer._optional import require
 from smoothtransfer.errors import UserError
+from smoothtransfer.utils import atomic_write_json
 
 METADATA = "denoiser.json"
 FORMAT_VERSION = 1
@@ -71,8 +72,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _write_metadata(path: Path, meta: Mapping[str, Any]) -> None:
-    from smoothtransfer.utils import atomic_write_json
-
     atomic_write_json(path / METADATA, {"format_version": FORMAT_VERSION, **meta})
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.models.denoisers import load_denoiser
 from smoothtransfer.objectives.base import OBJECTIVES, Objective, ObjectiveOutput
 
 # λ of the paper for σ = 0.25 / 0.5 / 1.0 is 1 / 2 / 4, i.e. λ = 4σ; used when lbd is None.
@@ -84,8 +85,6 @@ class FTCADISObjective(Objective):
         if denoiser is None:
             raise UserError("objective ftcadis needs a denoiser (a denoiser directory or module)")
         if isinstance(denoiser, (str, os.PathLike)):
-            from smoothtransfer.models.denoisers import load_denoiser
-
             denoiser = load_denoiser(denoiser)
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:

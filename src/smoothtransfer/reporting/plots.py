@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smoothtransfer.evaluation.metrics import certified_accuracy
 from smoothtransfer.reporting.tables import Run
 from smoothtransfer.utils import write_if_changed
 
@@ -18,8 +19,6 @@ _LINESTYLES = ("-", "--", ":", "-.")
 def certified_curve(radii: np.ndarray, correct: np.ndarray, max_radius: float, points: int = 400
                     ) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` of a certified-accuracy curve: ``x`` ``(points,)`` radii in ``[0, max_radius]``, ``y`` in %."""
-    from smoothtransfer.evaluation.metrics import certified_accuracy
-
     x = np.linspace(0.0, max(max_radius, 1e-6), points)
     return x, 100.0 * certified_accuracy(radii, correct, x)
 
