@@ -22,6 +22,10 @@ Models take ``(B,C,H,W)`` images in [0,1] (the input normalisation is their firs
 ``(B,K)``. Every returned ``x_adv`` satisfies ``||x_adv - x||_2 <= eps`` per image and lies in [0,1]: the
 projection scales ``x_adv - x`` into the ball, then clamps to [0,1], which (``x`` being in [0,1]) only moves
 coordinates towards ``x`` and so stays in the ball.
+
+Why one file (~670 lines): the three attacks share the projection, the losses, the argument checks and
+the batch iterator, and the two evaluations below them (:func:`robust_accuracy`, :func:`certificate_check`)
+are short drivers of the same attacks; split off, each part would import most of the rest.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ A table of an experiment YAML:
 - ``claims: [{claim, a: {run, sigma}, b: {run, sigma}, metric, expect, margin?, paper?}]``: each paper
   comparison of two rows gets a paired interval on the same test images and a verdict computed from it
   (:mod:`smoothtransfer.reporting.compare`).
+
+Why one file (~410 lines): the column registry, the cells, the best-over-σ view, the claims and the report
+all read the same collected results; each is short and they are only used together.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ denoiser is part of the base classifier, so the certificate of the smoothed clas
 
 A saved denoiser is a directory with ``denoiser.json`` (``kind``, ``image_size``, ``channels``, ...) beside the
 weights (diffusion: diffusers' ``unet/`` and ``scheduler/`` sub-directories; mse: ``model.safetensors``).
+
+Why one file (~430 lines): both denoiser kinds share the metadata file, the σ handling and the loader that
+picks the kind from ``denoiser.json``; :class:`DenoisedClassifier` is the ten lines that use them.
 """
 
 from __future__ import annotations
