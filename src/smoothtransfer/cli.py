@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # lazy like the commands: utils imports torch, which `smoothtransfer --help` does not need
     from smoothtransfer.utils import WRITE_ERRNOS, Terminated, set_progress, sigterm_as_interrupt, write_error
 
-    set_progress(not getattr(args, "no_progress", False))
+    # --no-progress: ``progress=False`` in a job config's flags, ``no_progress`` in the training commands'
+    set_progress(getattr(args, "progress", True) and not getattr(args, "no_progress", False))
     try:
         module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[args.command][0]}")
         with sigterm_as_interrupt():  # SIGTERM (kill, a scheduler) stops like Ctrl-C: workers, files cleaned up

@@ -4,8 +4,12 @@
 ``(ABSTAIN, 0.0)``, with the CLI's speed-ups applied to the base classifier (:func:`prepare`, ``fast=True``);
 :func:`certify_sequential` saves samples on a grid of radii with an anytime-valid bound; ``stats`` holds the
 pure Clopper-Pearson / binomial-test / radius functions.
+
+A whole dataset from a checkpoint: :func:`certify_run` (:class:`CertifyConfig`) and :func:`predict_run`
+(:class:`PredictConfig`), the jobs behind ``smoothtransfer certify`` / ``predict`` (in :mod:`.jobs`).
 """
 
+from smoothtransfer.job_configs import CertifyConfig, PredictConfig
 from smoothtransfer.smoothing.fast import FastClassifier, cpu_has_amx_bf16, prepare, resolve_amp
 from smoothtransfer.smoothing.sampling import (
     auto_batch_size,
@@ -29,12 +33,16 @@ from smoothtransfer.smoothing.stats import (
 __all__ = [
     "ABSTAIN",
     "Certificate",
+    "CertifyConfig",
+    "CertifyResult",
+    "PredictConfig",
     "FastClassifier",
     "SequentialCertificate",
     "Smooth",
     "auto_batch_size",
     "binom_pvalue",
     "certified_radius",
+    "certify_run",
     "certify_sequential",
     "clopper_pearson_interval",
     "clopper_pearson_lower",
@@ -43,6 +51,7 @@ __all__ = [
     "cpu_has_amx_bf16",
     "default_batch_size",
     "max_certifiable_radius",
+    "predict_run",
     "prepare",
     "prepare_for_inference",
     "resolve_amp",
@@ -50,3 +59,15 @@ __all__ = [
     "sample_counts_multi",
     "stage_sizes",
 ]
+_JOBS = ("CertifyResult", "certify_run", "predict_run")
+
+
+def __getattr__(name: str):
+    # The jobs load checkpoints (models), datasets (data) and print tables (reporting), layers that sit above
+    # this package; loaded on first use, so ``import smoothtransfer.smoothing`` stays the core and the package
+    # graph has no circle.
+    if name in _JOBS:
+        from smoothtransfer.smoothing import jobs
+
+        return getattr(jobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
