@@ -28,15 +28,6 @@ SHAPE = (3, 4, 4)
 D = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """~8 test runs share 2 cores: one intra-op thread each avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class LinearBinary(nn.Module):
     """logits ``(w.x + b, 0)``: class 0 iff ``w.x + b > 0``; ``||w|| = 1``."""
 

@@ -29,14 +29,6 @@ from smoothtransfer.models.lora import randomize_lora_
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Config:
     lr: float = 0.1

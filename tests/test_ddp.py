@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-torch.set_num_threads(1)
-
 SITECUSTOMIZE = textwrap.dedent("""
     import atexit, os
     if os.environ.get("STX_DUMP_DIR") and "RANK" in os.environ:

@@ -22,8 +22,6 @@ from smoothtransfer.models.denoisers import (
 )
 from smoothtransfer.objectives.denoiser import DDPMObjective, MSEDenoisingObjective, denoiser_objective
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tiny_unet():

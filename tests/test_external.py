@@ -19,8 +19,6 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.models.checkpoint import load_classifier, save_checkpoint
 from smoothtransfer.models.external import load_external, load_peer_checkpoint, parse_source
 
-torch.set_num_threads(1)
-
 CIFAR10 = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
 CIFAR100 = ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

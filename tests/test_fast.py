@@ -14,30 +14,9 @@ from torch import nn
 from smoothtransfer.errors import UserError
 from smoothtransfer.smoothing import FastClassifier, Smooth, prepare, resolve_amp
 from smoothtransfer.smoothing import fast as fast_mod
+from tests.toys import TinyCNN
 
 SHAPE = (3, 8, 8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, k: int = 4) -> None:
-        super().__init__()
-        with torch.random.fork_rng():  # the same weights every time, the caller's RNG untouched
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten(), nn.Linear(8, k))
-            self.body[1].running_mean.uniform_(-0.1, 0.1)
-
-    def forward(self, x):
-        return self.body(x)
 
 
 class Recorder(nn.Module):

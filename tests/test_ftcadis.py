@@ -11,7 +11,6 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.objectives.base import OBJECTIVES, build_objective
 from smoothtransfer.objectives.ftcadis import FTCADISObjective
 
-torch.set_num_threads(1)
 K, M = 3, 4
 
 

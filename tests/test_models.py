@@ -33,15 +33,6 @@ VITS = [n for n in MODELS.names() if MODELS.get(n).family == "vit"]
 FAST_CNNS = ["resnet20", "resnet56", "resnet110", "resnet18"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small ops on a shared CPU: one thread avoids oversubscription and is faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

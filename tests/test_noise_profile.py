@@ -15,14 +15,6 @@ from smoothtransfer.evaluation.noise_profile import DEFAULT_SIGMAS, markdown_tab
 D = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Linear2(nn.Module):
     """logits ``(w.x + b, 0)`` with ``||w|| = 1``, plus a dropout so that eval mode is observable."""
 

@@ -29,15 +29,6 @@ SIGMA = 0.25
 GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LinearToy(nn.Module):
     """``w = e_0``, ``b = -0.5``: class 1 iff pixel 0 > 0.5; the true radius at x is ``|x_0 - 0.5|``."""
 

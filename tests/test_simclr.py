@@ -33,15 +33,6 @@ class ToyEncoder(nn.Module):
         return self.head(self.forward_features(x))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """~8 test runs share 2 cores: one intra-op thread each avoids oversubscription (40x slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def nt_xent_loops(z1, z2, tau):
     """Chen et al. (2020) eq. 1 written out: l(i,j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t)."""
     z = torch.cat([z1, z2]).double()

@@ -28,17 +28,9 @@ from smoothtransfer.smoothing import (
     sample_counts,
     sample_counts_multi,
 )
+from tests.toys import TinyCNN
 
 SHAPE = (3, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (10x slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 D = 3 * 8 * 8
 
 
@@ -168,20 +160,9 @@ def test_batch_size_for_memory():
     assert auto_batch_size(make_toy(), (3, 32, 32), "cpu") == 128
 
 
-class TinyCNN(nn.Module):
-    def __init__(self, num_classes: int = 5) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(8, num_classes))
-
-    def forward(self, x):
-        return self.body(x)
-
-
 def test_cnn_batched_and_channels_last_match():
     torch.manual_seed(0)
-    model = TinyCNN()
+    model = TinyCNN(5)
     x = torch.rand(SHAPE)
     ref = sample_counts(model, x, 0.5, 500, 500, 5, generator=torch.Generator().manual_seed(1))
     for bs in (7, 128):
@@ -223,13 +204,13 @@ def test_bf16_certificates_agree_with_fp32_within_statistical_noise():
 def test_throughput_helpers():
     assert default_batch_size("cpu", 32) == 128 and default_batch_size("cpu", 224) == 16
     assert default_batch_size("cuda", 32) == 1000
-    model = prepare_for_inference(TinyCNN().train())
+    model = prepare_for_inference(TinyCNN(5).train())
     assert not model.training and model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert sample_counts(model, torch.rand(SHAPE), 0.25, 0, 8, 5).tolist() == [0] * 5
 
 
 def test_eval_mode_used_and_flags_restored():
-    model = TinyCNN()
+    model = TinyCNN(5)
     model.train()
     model.body[1].eval()  # e.g. BN frozen during fine-tuning (rule 9): must stay frozen afterwards
     seen = []

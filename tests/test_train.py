@@ -21,8 +21,6 @@ from smoothtransfer.errors import UserError
 from smoothtransfer.train import loop as loop_mod
 from smoothtransfer.train.loop import run_training
 
-torch.set_num_threads(1)
-
 SIZE = 16
 # 3 classes x 12 images; val_fraction 0.25 leaves 27 training images -> 3 steps/epoch at batch size 8.
 UP_CLASSES, UP_PER_CLASS = 3, 12
