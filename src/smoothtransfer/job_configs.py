@@ -159,7 +159,7 @@ class CertifyConfig(PredictConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _EvalData(JobConfig):
+class EvalDataConfig(JobConfig):
     """Checkpoint, dataset and image selection shared by ``attack`` and ``noise-profile``."""
 
     checkpoint: str = opt(help="classifier checkpoint (.pt) saved by pretrain/finetune, or cohen:FILE, macer:FILE, "
@@ -182,7 +182,7 @@ class _EvalData(JobConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoiseProfileConfig(_EvalData):
+class NoiseProfileConfig(EvalDataConfig):
     """Base-classifier accuracy under Gaussian noise at several σ: ``OUT/noise_profile.json``."""
 
     batch_size: int = opt(256, help="batch size (default: 256)")
@@ -200,7 +200,7 @@ class NoiseProfileConfig(_EvalData):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttackConfig(_EvalData):
+class AttackConfig(EvalDataConfig):
     """Empirical L2 robustness: AutoPGD-L2 / PGD-L2 on the base classifier, the SmoothAdv attack on the smoothed
     classifier, or the certificate check: ``OUT/attack.json``."""
 

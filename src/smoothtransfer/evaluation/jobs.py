@@ -21,7 +21,7 @@ from smoothtransfer.data.subsets import evenly_spaced
 from smoothtransfer.errors import UserError
 from smoothtransfer.evaluation.attacks import certificate_check, check_classifier, robust_accuracy
 from smoothtransfer.evaluation.noise_profile import markdown_table, noise_profile
-from smoothtransfer.job_configs import SMOOTHED_ATTACKS, AttackConfig, NoiseProfileConfig, _EvalData
+from smoothtransfer.job_configs import SMOOTHED_ATTACKS, AttackConfig, EvalDataConfig, NoiseProfileConfig
 from smoothtransfer.models.checkpoint import load_classifier
 from smoothtransfer.models.external import parse_source
 from smoothtransfer.objectives import OBJECTIVES
@@ -57,7 +57,7 @@ class EvalResult:
         return int(self.record.get("violations", 0) or 0)
 
 
-def output_path(cfg: _EvalData, command: str, filename: str) -> Path:
+def output_path(cfg: EvalDataConfig, command: str, filename: str) -> Path:
     """``OUT/filename``; UserError if it exists without ``overwrite`` (checked before any work)."""
     if cfg.out:
         out = Path(cfg.out)
@@ -88,7 +88,7 @@ def _check_head_trained(ckpt: dict, path: str) -> None:
         )
 
 
-def load_inputs(cfg: _EvalData) -> EvalInputs:
+def load_inputs(cfg: EvalDataConfig) -> EvalInputs:
     """Load and cross-check the checkpoint and the dataset of ``cfg``; nothing is written."""
     device = resolve_device(cfg.device)
     if parse_source(cfg.checkpoint) is None and not Path(cfg.checkpoint).exists():  # cohen:FILE, hf-hub:...
@@ -117,7 +117,7 @@ def load_inputs(cfg: _EvalData) -> EvalInputs:
                       num_classes=k if k is not None else len(classes), spec=spec)
 
 
-def run_info(cfg: _EvalData) -> dict[str, Any]:
+def run_info(cfg: EvalDataConfig) -> dict[str, Any]:
     """What every result file records about its inputs, the code and the machine."""
     return {
         "checkpoint": cfg.checkpoint if ":" in cfg.checkpoint and not Path(cfg.checkpoint).exists()
