@@ -1,5 +1,6 @@
 """Tables (paper-style ``(clean)certified`` markdown) and plots of certification results."""
 
+from smoothtransfer.reporting.jobs import Report, ReportConfig, report
 from smoothtransfer.reporting.plots import plot_certified_accuracy
 from smoothtransfer.reporting.tables import (
     DEFAULT_RADII,
@@ -15,6 +16,8 @@ from smoothtransfer.reporting.tables import (
 
 __all__ = [
     "DEFAULT_RADII",
+    "Report",
+    "ReportConfig",
     "Run",
     "SigmaResult",
     "certified_rows",
@@ -24,4 +27,5 @@ __all__ = [
     "markdown_table",
     "plot_certified_accuracy",
     "read_tsv",
+    "report",
 ]
