@@ -186,6 +186,89 @@ def test_ftcadis_settings(data_root, tmp_path):
     assert {row["sigma"] for row in table3["rows"]} == {1.0}
 
 
+def _certified_images(c: dict, n_test: int) -> tuple[int, int]:
+    """(number of test images, index of the last one) a certify/noise-profile section selects."""
+    n = -(-n_test // c["skip"])
+    if c.get("max", -1) not in (None, -1):
+        n = min(n, c["max"])
+    return n, (n - 1) * c["skip"]
+
+
+def _claim_keys(exp) -> set[tuple]:
+    return {(c["a"]["run"], float(c["a"]["sigma"]), c["b"]["run"], float(c["b"]["sigma"]), c["metric"])
+            for t in exp.tables for c in t.get("claims") or []}
+
+
+def _check_scale_claims(exp) -> None:
+    """Every claim left at a scale compares two runs of that scale, at a σ each certifies."""
+    for t in exp.tables:
+        for c in t.get("claims") or []:
+            for side in ("a", "b"):
+                run = exp.runs[c[side]["run"]]
+                assert float(c[side]["sigma"]) in [float(s) for s in run.evaluate["certify"]["sigmas"]]
+
+
+def test_robust_transfer_study_cpu_scale(data_root, tmp_path):
+    """The decisive CPU scale: Table 5 (CR pre-train → CR vs random init → CR on EuroSAT 50 and 500 per
+    class) and Table 7 (clean last layer vs CR fine-tune), upstream on all 200 classes, >= 500 test images."""
+    exp = _load("robust-transfer-study", "cpu", data_root, tmp_path)
+    runs = exp.runs
+    headline = ["cr-scratch-es50", "cr-cr-es50", "head-cr-es50", "cr-scratch-es500", "cr-cr-es500", "head-cr-es500"]
+    assert set(runs) == {*headline, "pre-cr"}  # the rest of the grid is not run at this scale
+    pre = runs["pre-cr"].train
+    assert pre.data.dataset == "tiny-imagenet-32" and pre.data.max_classes is None and pre.data.max_train is None
+    assert pre.objective.name == "consistency" and pre.objective.params["sigma"] == 0.5
+    for rid in headline:
+        run = runs[rid]
+        assert run.train.data.dataset == "eurosat-32" and run.train.data.max_train is None
+        c = run.evaluate["certify"]
+        assert c["dataset"] == "eurosat-32" and c["sigmas"] == [0.5] and c["n"] >= 1000
+        n, last = _certified_images(c, 2700)
+        assert n >= 500 and last >= 2700 * 0.9, (rid, c)  # the class-sorted test split: every class
+        npf = run.evaluate["noise_profile"]  # base accuracy on the certified images
+        assert (npf["skip"], npf["max"]) == (c["skip"], c["max"]) and 0.0 in npf["sigmas"]
+    for k in (50, 500):
+        scratch, ft = runs[f"cr-scratch-es{k}"].train, runs[f"cr-cr-es{k}"].train
+        assert scratch.data.shots_per_class == ft.data.shots_per_class == k
+        # random init and CR fine-tune take the same optimiser steps on the same images
+        assert (scratch.epochs, scratch.batch_size) == (ft.epochs, ft.batch_size)
+        assert runs[f"head-cr-es{k}"].train.mode == "fixed" and runs[f"head-cr-es{k}"].init == "pre-cr"
+    _check_scale_claims(exp)
+    claims = _claim_keys(exp)
+    for k in (50, 500):
+        assert (f"cr-cr-es{k}", 0.5, f"cr-scratch-es{k}", 0.5, "cert:0.5") in claims
+        assert (f"head-cr-es{k}", 0.5, f"cr-cr-es{k}", 0.5, "cert:0.5") in claims
+
+
+def test_ftcadis_cpu_scale(data_root, tmp_path):
+    """The decisive CPU scale: FT-CADIS vs the same classifier under plain denoised smoothing at σ = 0.25 and
+    0.5, with an off-the-shelf classifier trained on all of CIFAR-10, >= 500 test images spanning every class."""
+    exp = _load("ftcadis", "cpu", data_root, tmp_path)
+    runs = exp.runs
+    assert set(runs) == {"dn", "offshelf", "offshelf-dds", "ftcadis-s025", "ftcadis-s050"}
+    assert runs["dn"].denoiser_args["kind"] == "diffusion" and runs["dn"].denoiser_args.get("max_train") is None
+    off = runs["offshelf"].train
+    assert off.data.dataset == "cifar10" and off.data.max_train is None and off.epochs >= 10
+    for rid in ("offshelf", "offshelf-dds", "ftcadis-s025", "ftcadis-s050"):
+        c = runs[rid].evaluate["certify"]
+        n, last = _certified_images(c, 10000)
+        assert n >= 500 and last >= 10000 * 0.9 and c["n"] >= 1000, (rid, c)
+    dds = runs["offshelf-dds"].evaluate["certify"]
+    for sigma in (0.25, 0.5):
+        ft = runs[f"ftcadis-s{int(sigma * 100):03d}"]
+        params = ft.train.objective.params
+        assert (params["m"], params["steps"], params["epsilon"]) == (4, 4, 0.125)  # the paper's M, T, ε
+        c = ft.evaluate["certify"]
+        assert c["denoiser"] == dds["denoiser"] and sigma in dds["sigmas"]
+        assert {k: c[k] for k in ("n", "n0", "alpha", "skip", "max", "seed", "amp")} == \
+            {k: dds[k] for k in ("n", "n0", "alpha", "skip", "max", "seed", "amp")}
+    _check_scale_claims(exp)
+    claims = _claim_keys(exp)
+    assert ("ftcadis-s025", 0.25, "offshelf-dds", 0.25, "cert:0.25") in claims
+    assert ("ftcadis-s050", 0.5, "offshelf-dds", 0.5, "cert:0.5") in claims
+    assert any(t.get("best_over_sigma") for t in exp.tables)
+
+
 def _tiny_spec(table: dict) -> dict:
     return {
         "name": "tiny", "title": "tiny",
