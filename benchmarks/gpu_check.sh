@@ -158,7 +158,7 @@ if ((ENV_OK)); then
     TRAIN=(--device cuda --model resnet110 --max-train 12800 --amp bf16)
     DEMO=(--device cuda)
   fi
-  mapfile -t GPU_TEST_FILES < <(grep -l "mark.gpu" tests/test_*.py)
+  mapfile -t GPU_TEST_FILES < <(grep -rl --include="test_*.py" "mark.gpu" tests)
   run_step gpu-tests 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_TEST_FILES[@]}"
   run_step certify 120 "$PY" benchmarks/certify_throughput.py "${CERT[@]}" --dataset cifar10 \
     --data-root "$DATA" --json "$RESULTS/certify.json"

@@ -16,7 +16,7 @@
 The three attacks are our own code (no attack library): they are short, the library we used before
 (torchattacks) pinned ``requests`` to an old release in every environment we were installed into and
 re-seeded torch's global RNG, and owning them lets every random draw come from a ``torch.Generator`` the
-caller controls. ``tests/test_attacks.py`` checks them against closed-form minimal perturbations.
+caller controls. ``tests/evaluation/test_attacks.py`` checks them against closed-form minimal perturbations.
 
 Models take ``(B,C,H,W)`` images in [0,1] (the input normalisation is their first layer) and return logits
 ``(B,K)``. Every returned ``x_adv`` satisfies ``||x_adv - x||_2 <= eps`` per image and lies in [0,1]: the

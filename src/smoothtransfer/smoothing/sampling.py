@@ -3,7 +3,7 @@
 For an image ``x`` of shape ``(C,H,W)`` in [0,1] pixel space, :func:`sample_counts` draws ``num`` noise
 samples ``delta ~ N(0, sigma^2 I)`` and counts the base classifier's votes ``argmax f(x + delta)``.
 
-Design decisions (each one is tested in ``tests/test_smooth.py``):
+Design decisions (each one is tested in ``tests/smoothing/test_smooth.py``):
 
 * **Noise is a fixed-chunk stream.** Noise is drawn in float32 on ``x``'s device with
   ``torch.randn(generator=...)`` in chunks of :data:`NOISE_CHUNK` samples, whatever the batch size; forward

@@ -27,7 +27,7 @@ from smoothtransfer.smoothing.runner import (
     sigma_tag,
 )
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 SHAPE = (3, 4, 4)
 
 

@@ -269,7 +269,7 @@ def test_sigterm_exits_like_ctrl_c(tmp_path):
             "    time.sleep(30)\n"
             "report.run = run\n"
             "sys.exit(main(['report', 'x']))\n")
-    src = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src")
+    src = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 143, (proc.returncode, proc.stderr)

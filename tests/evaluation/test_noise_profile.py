@@ -99,7 +99,7 @@ def test_noise_profile_command(tmp_path, monkeypatch, capsys):
     from smoothtransfer.cli import main
     from smoothtransfer.commands import noise_profile as cmd
     from smoothtransfer.evaluation import noise_profile as lib
-    from tests.test_attacks import make_run
+    from tests.evaluation.test_attacks import make_run
 
     assert cmd.DEFAULT_SIGMAS == lib.DEFAULT_SIGMAS
     ds, ck = make_run(tmp_path, monkeypatch)
