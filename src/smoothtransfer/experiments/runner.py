@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -10,47 +9,31 @@ from typing import Any
 
 from smoothtransfer.config import replace, to_dict
 from smoothtransfer.errors import UserError
+from smoothtransfer.evaluation.jobs import run_attack, run_noise_profile
 from smoothtransfer.experiments import store
 from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.experiments.tables import collect, write_report
+from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
+from smoothtransfer.models.denoisers import LATEST
+from smoothtransfer.smoothing.jobs import certify_run
+from smoothtransfer.train.denoiser import finished_epochs, train_denoiser
+from smoothtransfer.train.loop import run_training
 from smoothtransfer.utils import atomic_write_json, environment_info, git_revision
-
-
-def _eval_argv(kind: str, ckpt: Path, out: Path, e: dict, device: str | None, progress: bool) -> list[str]:
-    argv = ["--checkpoint", str(ckpt), "--out", str(out)]
-    for k, v in e.items():
-        if v is None or v is False:
-            continue
-        # certify takes one or more σ as --sigma (Cohen's flag); noise-profile takes --sigmas
-        flag = "--sigma" if (kind == "certify" and k == "sigmas") else "--" + k.replace("_", "-")
-        if v is True:
-            argv.append(flag)
-        elif isinstance(v, (list, tuple)):
-            argv += [flag, *map(str, v)]
-        else:
-            argv += [flag, str(v)]
-    if device:
-        argv += ["--device", device]
-    return argv
-
 
 RESULT_FILES = {"attack": "attack.json", "noise_profile": "noise_profile.json"}
 
 
-def _run_command(argv: list[str]) -> int:
-    """Run a ``smoothtransfer`` command exactly as a user would (same parser, same checks)."""
-    # lazy: the CLI imports this package (``smoothtransfer experiment``), so a top-level import would be a circle
-    from smoothtransfer.cli import COMMANDS, build_parser
-
-    args = build_parser(load=argv[0]).parse_args(argv)
-    module = importlib.import_module(f"smoothtransfer.commands.{COMMANDS[argv[0]][0]}")
-    return int(module.run(args) or 0)
+def _given(d: dict) -> dict:
+    """The settings a grid gives (None and False leave the config's default, as an absent flag did)."""
+    return {k: v for k, v in d.items() if v is not None and v is not False}
 
 
 def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = None, progress: bool = True) -> int:
-    """``smoothtransfer certify|attack|noise-profile`` on ``ckpt``. Certify resumes by itself; an attack or
-    noise profile whose result file exists with the same settings is reused."""
-    cmd = {"certify": "certify", "attack": "attack", "noise_profile": "noise-profile"}[kind]
+    """Certify, attack or noise-profile ``ckpt`` with the settings ``e`` into ``out`` through the library
+    (:func:`~smoothtransfer.smoothing.certify_run`, :func:`~smoothtransfer.evaluation.run_attack`,
+    :func:`~smoothtransfer.evaluation.run_noise_profile`). Certify resumes by itself; an attack or noise profile
+    whose result file exists with the same settings is reused. Returns 0, or 1 for a certificate check that
+    found violations (then a UserError is raised after the settings are recorded)."""
     settings_file = out / "experiment_settings.json"
     settings = {"checkpoint": str(ckpt), **e}
     replace_old = False
@@ -62,35 +45,33 @@ def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = Non
         # a noise profile takes seconds and is seeded: one for other σ (the grid now certifies more σ) is
         # recomputed rather than refused
         replace_old = True
-    argv = [cmd, *_eval_argv(kind, ckpt, out, e, device, progress)]
-    if replace_old:
-        argv.append("--overwrite")
-    if not progress and kind != "noise_profile":
-        argv.append("--no-progress")
-    rc = _run_command(argv)
+    common = {"checkpoint": str(ckpt), "out": str(out), **({"device": device} if device else {}), **_given(e)}
+    rc = 0
+    if kind == "certify":
+        result = certify_run(CertifyConfig(**common, progress=progress))
+        print(result.table(), end="")
+    elif kind == "attack":
+        res = run_attack(AttackConfig(**common, progress=progress))
+        print(res.line)
+        rc = 1 if res.violations else 0
+    elif kind == "noise_profile":
+        print(run_noise_profile(NoiseProfileConfig(**common, overwrite=replace_old)).line)
+    else:
+        raise UserError(f"unknown evaluation '{kind}'")
     atomic_write_json(settings_file, settings)
     if rc != 0:
-        raise UserError(f"{cmd} on {ckpt} exited with status {rc}")
+        raise UserError(f"{kind.replace('_', '-')} on {ckpt} exited with status {rc}")
     return rc
 
 
 def run_denoiser(run: Run, out: Path, progress: bool = True) -> None:
-    """``smoothtransfer train-denoiser`` (resumed when ``out`` holds an unfinished or finished run)."""
-    args = dict(run.denoiser_args or {})
-    argv = ["train-denoiser", "--out", str(out)]
-    for k, v in args.items():
-        if v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        argv += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, str(v)]
-    if (out / "latest.json").exists():
-        latest = json.loads((out / "latest.json").read_text())
-        if len(latest.get("history", [])) >= int(args.get("epochs", 10)):
-            return
-        argv.append("--resume")
-    if not progress:
-        argv.append("--no-progress")
-    _run_command(argv)
+    """Train the denoiser of a ``denoiser`` run (:func:`~smoothtransfer.train.train_denoiser`), resumed when
+    ``out`` holds an unfinished run; a finished one is reused."""
+    args = _given(dict(run.denoiser_args or {}))
+    started = (out / LATEST).exists()
+    if started and finished_epochs(out) >= int(args.get("epochs", 10)):
+        return
+    train_denoiser(DenoiserConfig(**args, out=str(out), resume=started, progress=progress))
 
 
 def plan(exp: Experiment) -> list[Run]:
@@ -113,9 +94,6 @@ def plan(exp: Experiment) -> list[Run]:
 def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every run (reusing finished runs and complete stored results), keep the small
     result files in the store, then write the tables. Returns the results."""
-    # lazy: training pulls in models, objectives and data; loading and reporting a grid does not need them
-    from smoothtransfer.train.loop import run_training
-
     exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(exp.out / "experiment.json", {
         "name": exp.name, "scale": exp.scale, "git_rev": git_revision(), "env": environment_info(),
