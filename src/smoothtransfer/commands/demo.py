@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "the whole pipeline in one command: mixed-noise pre-train, fine-tune, certify, report"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=["quick", "paper"],

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "run a paper experiment grid from configs/experiments/NAME.yaml"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="experiment name (see --list) or a YAML file")

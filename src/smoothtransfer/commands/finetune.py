@@ -6,8 +6,6 @@ import argparse
 
 from smoothtransfer.commands._train_args import add_common, config_from_args, run_train
 
-HELP = "fine-tune a pre-trained checkpoint downstream (full network, fixed features = head only, LoRA)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)

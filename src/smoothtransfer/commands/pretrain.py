@@ -6,8 +6,6 @@ import argparse
 
 from smoothtransfer.commands._train_args import add_common, config_from_args, run_train
 
-HELP = "pre-train a classifier upstream (mixed noise, Gaussian, consistency, SimCLR, ...)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
