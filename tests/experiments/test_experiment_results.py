@@ -190,3 +190,16 @@ def test_changed_upstream_makes_stored_fine_tunes_stale(tmp_path, monkeypatch):
     assert plan(exp) == []
     shutil.rmtree(tmp_path / "runs")
     assert sorted(r.id for r in plan(load(2))) == ["ft", "up"]
+
+
+def test_a_partly_certified_run_is_not_complete(grid, tmp_path):
+    """summary.json is written after every σ: a run stored while a σ is unfinished must run again."""
+    exp = grid([_table()])
+    for run in exp.runs.values():
+        store.export_run(exp, run)
+    assert plan(exp) == []
+    summary = tmp_path / "results" / "tiny" / "cpu-small" / "good" / "certify" / "summary.json"
+    s = json.loads(summary.read_text())
+    s["sigmas"][-1]["complete"] = False
+    summary.write_text(json.dumps(s))
+    assert [r.id for r in plan(exp)] == ["good"]

@@ -74,7 +74,21 @@ def is_complete(exp: Experiment, run: Run) -> bool:
         return any((d / "denoiser").glob("*.json"))
     if not (d / "train" / "train_summary.json").is_file():
         return False
-    return all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate)
+    if not all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate):
+        return False
+    return "certify" not in run.evaluate or _certify_complete(d / "certify", run.evaluate["certify"])
+
+
+def _certify_complete(d: Path, cert: dict) -> bool:
+    """Every σ the grid certifies is in ``summary.json`` with all its images done (a summary is written after
+    each σ, so its mere existence does not mean the run finished)."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    per = summary.get("sigmas") or []
+    done = {round(float(e["sigma"]), 9) for e in per if e.get("complete", e.get("num_done") == e.get("num_images"))}
+    return all(round(float(s), 9) in done for s in cert.get("sigmas", []))
 
 
 def export_run(exp: Experiment, run: Run) -> None:
