@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from smoothtransfer.config import to_dict
 from smoothtransfer.experiments.spec import Experiment, Run
-from smoothtransfer.utils import atomic_write_json
+from smoothtransfer.utils import atomic_write_bytes, atomic_write_json
 
 #: per sub-directory of a run directory: the file patterns the store keeps
 KEEP = {
@@ -102,11 +101,7 @@ def export_run(exp: Experiment, run: Run) -> None:
             for f in sorted((src / sub).glob(pattern)):
                 if not f.is_file() or f.stat().st_size > MAX_FILE_BYTES:
                     continue
-                target = dest / sub / f.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.copyfile(f, tmp)
-                tmp.replace(target)  # atomic: a reader never sees half a file
+                atomic_write_bytes(dest / sub / f.name, f.read_bytes())  # a reader never sees half a file
     atomic_write_json(dest / "settings.json", run_settings(exp, run))
 
 
