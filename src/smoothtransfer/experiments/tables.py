@@ -328,7 +328,8 @@ def settings_line(exp: Experiment, results: dict | None = None) -> str:
     parts = [f"scale `{exp.scale}`", f"trained on: {'; '.join(sorted(cpus)) or 'not run yet'}"]
     if amps:
         parts.append(f"training precision: {', '.join(sorted(a for a in amps if a))}")
-    parts.append(f"wall time {sum(timings.values()) / 3600:.2f} h")
+    # runs of one grid may run side by side (one process per core), so this is run time summed over runs
+    parts.append(f"run time {sum(timings.values()) / 3600:.2f} h summed over runs")
     certs = [r.evaluate["certify"] for r in exp.runs.values() if "certify" in r.evaluate]
     if certs:
         c = certs[0]
