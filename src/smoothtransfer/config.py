@@ -2,7 +2,11 @@
 
 A :class:`TrainConfig` fully describes one pre-training or fine-tuning run; it is resolved before any work
 starts (unknown keys and bad values are UserErrors naming the key) and saved in the run directory and the
-checkpoint, so every run is self-describing.
+checkpoint, so every run is self-describing. Its fields declared with :func:`opt` carry their command-line
+flag (help, spelling, choices): ``pretrain``/``finetune`` generate their flags from them.
+
+Longer than 400 lines because each TrainConfig field keeps its flag's help text beside it (one place for a
+key and its flag), and the helpers every typed config shares (``opt``, ``JobConfig``, coercion) live here.
 """
 
 from __future__ import annotations

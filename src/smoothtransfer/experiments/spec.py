@@ -1,11 +1,15 @@
 """Experiment grids: ``configs/experiments/NAME.yaml`` resolved and validated into runs (nothing runs here).
 
 An experiment file holds
-- ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``) and evaluation settings (``certify``,
-  ``attack``, ``noise_profile``);
+- ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``), evaluation settings (``certify``,
+  ``attack``, ``noise_profile``) and the settings of ``denoiser`` runs;
 - ``scales``: per scale (``cpu-small``, ``cpu``, ``gpu``, ``paper``) overrides of the same sections, and
   optionally ``runs: [id, ...]``, the part of the grid that scale runs (with what those runs start from);
-- ``runs``: ``id -> {stage, init: <run id>, <TrainConfig keys>, evaluate: [certify, attack, ...]}``;
+- ``runs``: ``id -> {stage, init: <run id>, label, <TrainConfig keys>, evaluate: [certify, attack, ...],
+  <certify/attack/noise_profile blocks: this run's evaluation settings, used where the run makes that
+  evaluation>}``; an entry with a ``matrix:`` is a
+  template standing for one run per combination of its axes' values (ids and labels from format strings,
+  ``per_run`` settings for single runs; :mod:`smoothtransfer.experiments.matrix`);
 - ``tables``: markdown tables laid out like the paper's, each row a (run, σ) and each column a metric, with
   the paper's numbers (``paper``) and its claims (``claims``) as data; see ``experiments.tables``.
 
@@ -20,7 +24,6 @@ the run or the scale.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 from dataclasses import dataclass, field, fields
@@ -30,6 +33,7 @@ from pathlib import Path
 from smoothtransfer.config import TrainConfig, apply_overrides, from_dict, load_yaml, replace
 from smoothtransfer.data.datasets import check_available
 from smoothtransfer.errors import UserError
+from smoothtransfer.experiments.matrix import expand_runs, merge
 from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
 
 SCALES = ("cpu-small", "cpu", "gpu", "paper")
@@ -77,16 +81,6 @@ def find_experiment(name: str) -> Path:
     if not path.is_file():
         raise UserError(f"unknown experiment '{name}'; choose from: {', '.join(available())} (or a YAML path)")
     return path
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in (b or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 @dataclass
@@ -184,11 +178,14 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     for where, block in (("defaults", spec.get("defaults") or {}), (f"scales.{scale}", scale_spec)):
         for sec, body in block.items():
             _check_section(sec, body, f"{path.name} {where}")
-    sections = _merge(spec.get("defaults") or {}, scale_spec)
+    sections = merge(spec.get("defaults") or {}, scale_spec)
     at = f"at scale {scale}"
     exp_name = spec.get("name", path.stem)
     out = Path(out) if out else runs_root() / "experiments" / exp_name / scale
     runs_spec = spec.get("runs") or {}
+    if not isinstance(runs_spec, dict):
+        raise UserError(f"runs in {path.name} must map run ids to runs")
+    runs_spec = expand_runs(runs_spec, path.name)  # a `matrix:` entry stands for the runs of its product
     if not runs_spec:
         raise UserError(f"experiment {exp_name} defines no runs")
     runs: dict[str, Run] = {}
@@ -201,7 +198,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         if stage == "denoiser":
             label = rspec.pop("label", rid)
             _check_keys(rspec, block_keys("denoiser"), f"{path.name} run '{rid}' {at}")
-            args = _merge(sections.get("denoiser", {}), rspec)
+            args = merge(sections.get("denoiser", {}), rspec)
             if data_root:
                 args["data_root"] = data_root
             if device:
@@ -219,7 +216,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         if stage == "finetune" and init not in runs_spec:
             raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
         needs = [init] if init else []
-        train_dict = _merge(sections.get(stage, {}), rspec)
+        train_dict = merge(sections.get(stage, {}), rspec)
         if train_dict.get("denoiser"):  # a denoiser run of this grid (FT-CADIS fine-tuning through it)
             dn = train_dict["denoiser"]
             if dn not in runs_spec:
@@ -247,7 +244,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             if kind not in EVAL_KINDS:
                 raise UserError(f"run '{rid}' in {path.name}: unknown evaluation '{kind}'; choose from "
                                 f"{', '.join(EVAL_KINDS)}")
-            e = _merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
+            e = merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
             e = apply_overrides(e, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith(kind + ".")])
             _check_keys(e, block_keys(kind), f"{path.name} run '{rid}' {kind} {at}")
             e.setdefault("dataset", train_cfg.data.dataset)
