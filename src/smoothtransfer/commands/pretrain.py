@@ -8,7 +8,7 @@ from smoothtransfer.commands._train_args import add_common, config_from_args, ru
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p)
+    add_common(p, "pretrain")
 
 
 def run(args: argparse.Namespace) -> int:

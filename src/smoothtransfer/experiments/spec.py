@@ -1,44 +1,67 @@
 """Experiment grids: ``configs/experiments/NAME.yaml`` resolved and validated into runs (nothing runs here).
 
 An experiment file holds
-- ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``) and evaluation settings (``certify``,
-  ``attack``, ``noise_profile``);
+- ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``), evaluation settings (``certify``,
+  ``attack``, ``noise_profile``) and the settings of ``denoiser`` runs;
 - ``scales``: per scale (``cpu-small``, ``cpu``, ``gpu``, ``paper``) overrides of the same sections, and
   optionally ``runs: [id, ...]``, the part of the grid that scale runs (with what those runs start from);
-- ``runs``: ``id -> {stage, init: <run id>, <TrainConfig keys>, evaluate: [certify, attack, ...]}``;
+- ``runs``: ``id -> {stage, init: <run id>, label, <TrainConfig keys>, evaluate: [certify, attack, ...],
+  <certify/attack/noise_profile blocks: this run's evaluation settings, used where the run makes that
+  evaluation>}``; an entry with a ``matrix:`` is a
+  template standing for one run per combination of its axes' values (ids and labels from format strings,
+  ``per_run`` settings for single runs; :mod:`smoothtransfer.experiments.matrix`);
 - ``tables``: markdown tables laid out like the paper's, each row a (run, σ) and each column a metric, with
   the paper's numbers (``paper``) and its claims (``claims``) as data; see ``experiments.tables``.
 
 Everything is resolved and validated before the first step (unknown keys, unknown runs, missing datasets
-are UserErrors).
+are UserErrors). The keys a block may hold come from the config it becomes, not from lists kept here: a
+``pretrain``/``finetune`` block holds :class:`~smoothtransfer.config.TrainConfig` keys, and a ``certify``,
+``attack``, ``noise_profile`` or ``denoiser`` block the fields of ``CertifyConfig``, ``AttackConfig``,
+``NoiseProfileConfig`` or ``DenoiserConfig`` (:data:`BLOCK_CONFIGS`) less those the runner sets
+(:data:`RUNNER_KEYS`: checkpoint, out, progress, ...). An unknown key is one line naming it, the block, and
+the run or the scale.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 from smoothtransfer.config import TrainConfig, apply_overrides, from_dict, load_yaml, replace
 from smoothtransfer.data.datasets import check_available
 from smoothtransfer.errors import UserError
+from smoothtransfer.experiments.matrix import expand_runs, merge
+from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
 
 SCALES = ("cpu-small", "cpu", "gpu", "paper")
 EVAL_KINDS = ("certify", "attack", "noise_profile")
 TOP_KEYS = {"name", "title", "paper", "description", "defaults", "scales", "runs", "tables", "notes", "scale_notes",
             "paper_settings"}
-DENOISER_KEYS = {"kind", "dataset", "data_root", "size", "sigmas", "epochs", "batch_size", "lr", "weight_decay",
-                 "grad_clip", "max_train", "seed", "device"}
-CERTIFY_KEYS = {"dataset", "split", "sigmas", "n0", "n", "alpha", "batch_size", "skip", "max", "seed", "amp",
-                "data_root", "denoiser", "sequential"}
-ATTACK_KEYS = {"dataset", "split", "attack", "eps", "steps", "max", "skip", "batch_size", "seed", "data_root"}
+#: the config each evaluation (and denoiser) block of a grid becomes in ``experiments.runner``: its keys are
+#: the config's fields, so a new field is a valid grid key without touching this module
+BLOCK_CONFIGS: dict[str, type] = {"certify": CertifyConfig, "attack": AttackConfig,
+                                  "noise_profile": NoiseProfileConfig, "denoiser": DenoiserConfig}
+#: fields the runner sets itself, never a grid: where the model and the results are (checkpoint, out), resuming
+#: and replacing results (resume, overwrite), the progress bar, the device of an evaluation (its run's training
+#: device) and shards (a grid evaluates each run in one process)
+RUNNER_KEYS = {"checkpoint", "out", "overwrite", "resume", "progress", "shard"}
+RUNNER_EVAL_KEYS = RUNNER_KEYS | {"device"}
+#: TrainConfig keys the grid sets for each run (``stage`` and ``init`` are run keys naming runs; ``out`` is the
+#: run directory)
+TRAIN_SPEC_KEYS = {"stage", "out", "init"}
 TABLE_KEYS = {"id", "title", "caption", "row_header", "columns", "headers", "rows", "paper", "claims",
               "best_over_sigma", "discussion"}
 CLAIM_KEYS = {"claim", "a", "b", "metric", "expect", "margin", "paper"}
-NOISE_KEYS = {"dataset", "split", "sigmas", "max", "skip", "batch_size", "seed", "data_root"}
+
+
+def block_keys(kind: str) -> set[str]:
+    """The keys a grid's ``kind`` block (certify, attack, noise_profile, denoiser) may set: the fields of its
+    config (:data:`BLOCK_CONFIGS`) less those the runner sets."""
+    owned = RUNNER_KEYS if kind == "denoiser" else RUNNER_EVAL_KEYS
+    return {f.name for f in fields(BLOCK_CONFIGS[kind])} - owned
 
 
 def experiments_dir() -> Path:
@@ -58,16 +81,6 @@ def find_experiment(name: str) -> Path:
     if not path.is_file():
         raise UserError(f"unknown experiment '{name}'; choose from: {', '.join(available())} (or a YAML path)")
     return path
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in (b or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 @dataclass
@@ -124,6 +137,26 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
             raise UserError(f"unknown key '{k}' in {where}{hint}")
 
 
+def _check_section(sec: str, body: object, where: str) -> None:
+    """A ``defaults``/``scales.<scale>`` section: a pretrain/finetune one holds TrainConfig keys (less those the
+    grid sets per run), an evaluation or denoiser one the keys of its config (:func:`block_keys`)."""
+    if sec not in ("pretrain", "finetune", *BLOCK_CONFIGS):
+        raise UserError(f"unknown section '{sec}' in {where}")
+    where = f"{where}.{sec}"
+    if not isinstance(body, dict):
+        raise UserError(f"{where} must be a mapping of keys, got {body!r}")
+    if sec not in ("pretrain", "finetune"):
+        _check_keys(body, block_keys(sec), where)
+        return
+    for k in TRAIN_SPEC_KEYS & set(body):
+        raise UserError(f"'{k}' in {where} is set by the grid for each run (stage and init are run keys; out is "
+                        f"the run directory)")
+    try:
+        from_dict(TrainConfig, body)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
 def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None = None,
                     overrides: list[str] | None = None, data_root: str | None = None,
                     device: str | None = None, only: list[str] | None = None,
@@ -142,13 +175,17 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     scale_spec = dict(scales[scale] or {})
     # a scale may run a subset of the grid (e.g. the headline rows at `cpu`): ``runs: [id, ...]``
     scale_runs = scale_spec.pop("runs", None)
-    sections = _merge(spec.get("defaults") or {}, scale_spec)
-    for sec in sections:
-        if sec not in ("pretrain", "finetune", "denoiser", *EVAL_KINDS):
-            raise UserError(f"unknown section '{sec}' in {path.name} defaults/scales.{scale}")
+    for where, block in (("defaults", spec.get("defaults") or {}), (f"scales.{scale}", scale_spec)):
+        for sec, body in block.items():
+            _check_section(sec, body, f"{path.name} {where}")
+    sections = merge(spec.get("defaults") or {}, scale_spec)
+    at = f"at scale {scale}"
     exp_name = spec.get("name", path.stem)
     out = Path(out) if out else runs_root() / "experiments" / exp_name / scale
     runs_spec = spec.get("runs") or {}
+    if not isinstance(runs_spec, dict):
+        raise UserError(f"runs in {path.name} must map run ids to runs")
+    runs_spec = expand_runs(runs_spec, path.name)  # a `matrix:` entry stands for the runs of its product
     if not runs_spec:
         raise UserError(f"experiment {exp_name} defines no runs")
     runs: dict[str, Run] = {}
@@ -160,8 +197,8 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
                             f"got {stage!r}")
         if stage == "denoiser":
             label = rspec.pop("label", rid)
-            args = _merge(sections.get("denoiser", {}), rspec)
-            _check_keys(args, DENOISER_KEYS, f"{path.name} run '{rid}'")
+            _check_keys(rspec, block_keys("denoiser"), f"{path.name} run '{rid}' {at}")
+            args = merge(sections.get("denoiser", {}), rspec)
             if data_root:
                 args["data_root"] = data_root
             if device:
@@ -171,11 +208,15 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         init = rspec.pop("init", None)
         evaluate = rspec.pop("evaluate", ["certify"] if stage == "finetune" else [])
         label = rspec.pop("label", rid)
-        per_run_eval = {k: rspec.pop(k) for k in EVAL_KINDS if k in rspec}
+        per_run_eval = {k: rspec.pop(k) or {} for k in EVAL_KINDS if k in rspec}
+        for kind, block in per_run_eval.items():
+            _check_keys(block, block_keys(kind), f"{path.name} run '{rid}' {kind} {at}")
+        if "out" in rspec:
+            raise UserError(f"run '{rid}' in {path.name}: 'out' is set by the grid (the run directory)")
         if stage == "finetune" and init not in runs_spec:
             raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
         needs = [init] if init else []
-        train_dict = _merge(sections.get(stage, {}), rspec)
+        train_dict = merge(sections.get(stage, {}), rspec)
         if train_dict.get("denoiser"):  # a denoiser run of this grid (FT-CADIS fine-tuning through it)
             dn = train_dict["denoiser"]
             if dn not in runs_spec:
@@ -197,16 +238,15 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             else:
                 replace(train_cfg, init=None).validate()
         except UserError as e:
-            raise UserError(f"run '{rid}' in {path.name}: {e}") from None
+            raise UserError(f"run '{rid}' in {path.name} {at}: {e}") from None
         evals: dict[str, dict] = {}
         for kind in evaluate:
             if kind not in EVAL_KINDS:
                 raise UserError(f"run '{rid}' in {path.name}: unknown evaluation '{kind}'; choose from "
                                 f"{', '.join(EVAL_KINDS)}")
-            e = _merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
+            e = merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
             e = apply_overrides(e, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith(kind + ".")])
-            _check_keys(e, {"certify": CERTIFY_KEYS, "attack": ATTACK_KEYS, "noise_profile": NOISE_KEYS}[kind],
-                        f"{path.name} run '{rid}' {kind}")
+            _check_keys(e, block_keys(kind), f"{path.name} run '{rid}' {kind} {at}")
             e.setdefault("dataset", train_cfg.data.dataset)
             if kind == "certify" and e.get("denoiser"):
                 if e["denoiser"] not in runs_spec:
