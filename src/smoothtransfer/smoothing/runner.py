@@ -1,5 +1,7 @@
 """Certify (or PREDICT) every image of a dataset with a smoothed classifier, resumably: the running.
 
+Why ~520 lines: one procedure (validation, locks, row engine, per-σ loop) and its two documented entry points.
+
 This module computes the rows; :mod:`smoothtransfer.smoothing.results` owns the files they go into (names,
 columns, sidecars, ``summary.json``, shards, resume inspection, the reader) and documents them. Forked CPU
 workers live in :mod:`smoothtransfer.smoothing.workers`.
