@@ -609,9 +609,9 @@ def test_rerun_of_a_finished_run_writes_nothing(tmp_path):
 def test_disk_full_mid_run_is_one_line_and_keeps_the_rows(tmp_path, monkeypatch):
     import errno
 
-    import smoothtransfer.smoothing.runner as runner_mod
+    from smoothtransfer.smoothing.results.write import RowWriter
 
-    write = runner_mod._RowWriter.write
+    write = RowWriter.write
     calls = []
 
     def write_until_full(self, line):
@@ -620,7 +620,7 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_rows(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "sigma_0.25.tsv"))
         write(self, line)
 
-    monkeypatch.setattr(runner_mod._RowWriter, "write", write_until_full)
+    monkeypatch.setattr(RowWriter, "write", write_until_full)
     with pytest.raises(UserError) as e:
         _certify(tmp_path, indices=list(range(6)))
     msg = str(e.value)

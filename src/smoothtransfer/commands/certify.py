@@ -2,7 +2,7 @@
 
 Flags → :class:`~smoothtransfer.job_configs.CertifyConfig` → :func:`smoothtransfer.smoothing.certify_run`, which
 writes ``OUT/sigma_<σ>.tsv`` (Cohen et al.'s columns + ``count``, ``p_lower``), ``sigma_<σ>.json`` sidecars and
-``summary.json`` (see :mod:`smoothtransfer.smoothing.runner`); then a ``(clean)certified`` table is printed.
+``summary.json`` (format: :mod:`smoothtransfer.smoothing.results`); then a ``(clean)certified`` table is printed.
 Every argument, the checkpoint, the dataset and any existing results in ``OUT`` are checked before any work;
 rerunning the same command after an interruption resumes where it stopped.
 """

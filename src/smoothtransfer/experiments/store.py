@@ -2,8 +2,9 @@
 
 Run directories hold checkpoints (large, never committed) and live wherever ``--out`` /
 ``$SMOOTHTRANSFER_RUNS`` puts them. The store (``results/NAME/SCALE/<run id>/...`` in the repository) holds
-what tables are made of — certify TSVs and sidecars, ``summary.json``, noise-profile and attack JSON, the
-training summary, run info and config — plus ``settings.json``, the run's settings without machine paths.
+what tables are made of — certify TSVs and sidecars, ``summary.json`` (their format and reader:
+:mod:`smoothtransfer.smoothing.results`), noise-profile and attack JSON, the training summary, run info and
+config — plus ``settings.json``, the run's settings without machine paths.
 A run whose stored settings equal the grid's and whose evaluations are all stored is *complete*: the engine
 reuses it instead of training again, so a fresh clone regenerates RESULTS.md without re-running anything.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from smoothtransfer.config import to_dict
 from smoothtransfer.experiments.spec import Experiment, Run
+from smoothtransfer.smoothing.results import SUMMARY_FILE, complete_sigmas
 from smoothtransfer.utils import atomic_write_bytes, atomic_write_json
 
 #: per sub-directory of a run directory: the file patterns the store keeps
@@ -30,7 +32,7 @@ KEEP = {
 #: a result file larger than this is not "small": refuse to copy it into a repository
 MAX_FILE_BYTES = 8 * 2**20
 #: the file that marks an evaluation finished
-RESULT_FILE = {"certify": "summary.json", "noise_profile": "noise_profile.json", "attack": "attack.json"}
+RESULT_FILE = {"certify": SUMMARY_FILE, "noise_profile": "noise_profile.json", "attack": "attack.json"}
 # settings that name places on one machine, not what was computed
 _PATH_KEYS = {"out", "init", "data_root", "denoiser", "device", "progress", "tensorboard", "threads",
               "checkpoint_every"}
@@ -75,19 +77,10 @@ def is_complete(exp: Experiment, run: Run) -> bool:
         return False
     if not all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate):
         return False
-    return "certify" not in run.evaluate or _certify_complete(d / "certify", run.evaluate["certify"])
-
-
-def _certify_complete(d: Path, cert: dict) -> bool:
-    """Every σ the grid certifies is in ``summary.json`` with all its images done (a summary is written after
-    each σ, so its mere existence does not mean the run finished)."""
-    try:
-        summary = json.loads((d / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    per = summary.get("sigmas") or []
-    done = {round(float(e["sigma"]), 9) for e in per if e.get("complete", e.get("num_done") == e.get("num_images"))}
-    return all(round(float(s), 9) in done for s in cert.get("sigmas", []))
+    if "certify" not in run.evaluate:
+        return True
+    done = complete_sigmas(d / "certify")  # every σ the grid certifies, with all its images
+    return all(round(float(s), 9) in done for s in run.evaluate["certify"].get("sigmas", []))
 
 
 def export_run(exp: Experiment, run: Run) -> None:

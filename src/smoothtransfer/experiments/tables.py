@@ -33,7 +33,8 @@ from smoothtransfer.experiments import store
 from smoothtransfer.experiments.spec import EVAL_KINDS, Experiment
 from smoothtransfer.reporting.compare import UNRESOLVED, clopper_pearson, paired_difference, verdict
 from smoothtransfer.reporting.plots import plot_certified_accuracy
-from smoothtransfer.reporting.tables import CAP_NOTE, cap_mark, load_run
+from smoothtransfer.reporting.tables import CAP_NOTE, cap_mark
+from smoothtransfer.smoothing.results import load_run, read_summary, summary_entry, summary_sigmas
 from smoothtransfer.utils import atomic_write_text, git_revision
 
 BEST_NOTE = ("Best over σ (the paper's view): per radius, the highest of the model's certified σ curves; "
@@ -58,28 +59,12 @@ def collect(exp: Experiment) -> dict[str, Any]:
         for kind in EVAL_KINDS:
             f = d / kind / store.RESULT_FILE[kind]
             if f.is_file():
-                r[kind] = json.loads(f.read_text())
+                r[kind] = read_summary(f) if kind == "certify" else json.loads(f.read_text())
         for key, f in (("train", d / "train" / "train_summary.json"), ("run_info", d / "train" / "run_info.json")):
             if f.is_file():
                 r[key] = json.loads(f.read_text())
         results[run.id] = r
     return results
-
-
-def _sigma_summary(cert: dict, sigma: float) -> dict | None:
-    """The per-σ entry of a certify summary.json."""
-    per = cert.get("per_sigma") or cert.get("sigmas") or {}
-    entries = per.values() if isinstance(per, dict) else per
-    for v in entries:
-        if abs(float(v.get("sigma", -1)) - float(sigma)) < 1e-9:
-            return v
-    return None
-
-
-def _sigmas(cert: dict) -> list[float]:
-    per = cert.get("per_sigma") or cert.get("sigmas") or {}
-    entries = per.values() if isinstance(per, dict) else per
-    return sorted(float(v["sigma"]) for v in entries if "sigma" in v)
 
 
 def _cert_at(s: dict, radius: float) -> float | None:
@@ -125,7 +110,7 @@ def _attack(r: dict, key: str) -> str:
 
 def _cert_cell(r: dict, sigma: float, column: str) -> str:
     cert = r.get("certify")
-    s = _sigma_summary(cert, sigma) if cert else None
+    s = summary_entry(cert, sigma) if cert else None
     if s is None:
         return "–"
     n = _n(s)
@@ -184,10 +169,10 @@ def best_cell(results: dict, run: str, column: str) -> str:
     cert = results.get(run, {}).get("certify")
     kind, _, rad = column.partition(":")
     if not cert or kind != "cert":
-        return "–" if not cert else cell(results, {"run": run, "sigma": _sigmas(cert)[0]}, column)
+        return "–" if not cert else cell(results, {"run": run, "sigma": summary_sigmas(cert)[0]}, column)
     best = None
-    for sigma in _sigmas(cert):
-        s = _sigma_summary(cert, sigma)
+    for sigma in summary_sigmas(cert):
+        s = summary_entry(cert, sigma)
         acc = _cert_at(s, float(rad))
         if acc is not None and (best is None or acc > best[0]):
             best = (acc, sigma, s)
@@ -210,11 +195,11 @@ def _indicators(results: dict, run: str, sigma: float, metric: str) -> tuple[np.
     if kind not in ("cert", "certacc", "clean"):
         raise UserError(f"a claim's metric must be clean or cert:R (per-image certificates), got '{metric}'")
     radius = 0.0 if kind == "clean" else float(rad)
-    for res in load_run(Path(d) / "certify").results:
-        if res.sigma is not None and abs(res.sigma - sigma) < 1e-9:
-            ok = (res.correct.astype(bool)) & (res.radii >= radius)
-            return res.columns["idx"].astype(np.int64), ok
-    return None
+    res = load_run(Path(d) / "certify").at(sigma)
+    if res is None:
+        return None
+    ok = (res.correct.astype(bool)) & (res.radii >= radius)
+    return res.columns["idx"].astype(np.int64), ok
 
 
 def claim_line(results: dict, claim: dict) -> str:
@@ -342,8 +327,8 @@ def settings_line(exp: Experiment, results: dict | None = None) -> str:
 def _n_images(results: dict) -> str:
     for r in results.values():
         cert = r.get("certify")
-        for sigma in _sigmas(cert) if cert else []:
-            n = _n(_sigma_summary(cert, sigma))
+        for sigma in summary_sigmas(cert) if cert else []:
+            n = _n(summary_entry(cert, sigma))
             if n:
                 return str(n)
     return "?"

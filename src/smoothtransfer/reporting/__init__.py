@@ -1,4 +1,8 @@
-"""Tables (paper-style ``(clean)certified`` markdown) and plots of certification results."""
+"""Tables (paper-style ``(clean)certified`` markdown) and plots of certification results.
+
+The results are read by :mod:`smoothtransfer.smoothing.results` (``load_run``, ``Run``, ``SigmaResult``,
+``read_tsv``, re-exported here).
+"""
 
 from smoothtransfer.reporting.jobs import Report, ReportConfig, report
 from smoothtransfer.reporting.plots import plot_certified_accuracy

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from smoothtransfer.job_configs import ReportConfig
 from smoothtransfer.reporting.plots import plot_certified_accuracy
-from smoothtransfer.reporting.tables import TABLE_NOTE, Run, certified_table, load_run
+from smoothtransfer.reporting.tables import TABLE_NOTE, certified_table
+from smoothtransfer.smoothing.results import Run, load_run
 from smoothtransfer.utils import WRITE_ERRNOS, write_error, write_if_changed
 
 __all__ = ["Report", "ReportConfig", "report"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothtransfer.evaluation.metrics import certified_accuracy
-from smoothtransfer.reporting.tables import Run
+from smoothtransfer.smoothing.results import Run
 from smoothtransfer.utils import write_if_changed
 
 _LINESTYLES = ("-", "--", ":", "-.")

@@ -6,7 +6,8 @@
 pure Clopper-Pearson / binomial-test / radius functions.
 
 A whole dataset from a checkpoint: :func:`certify_run` (:class:`CertifyConfig`) and :func:`predict_run`
-(:class:`PredictConfig`), the jobs behind ``smoothtransfer certify`` / ``predict`` (in :mod:`.jobs`).
+(:class:`PredictConfig`), the jobs behind ``smoothtransfer certify`` / ``predict`` (in :mod:`.jobs`). Their
+result files (format, version, resume, summaries, the reader ``load_run``) belong to :mod:`.results`.
 """
 
 from smoothtransfer.job_configs import CertifyConfig, PredictConfig

@@ -27,13 +27,9 @@ from smoothtransfer.evaluation.metrics import radius_grid
 from smoothtransfer.job_configs import AMP_DTYPES, CertifyConfig, PredictConfig, parse_shard, parse_workers
 from smoothtransfer.models.checkpoint import load_classifier
 from smoothtransfer.models.external import parse_source
-from smoothtransfer.reporting.tables import DEFAULT_RADII, certified_table, load_run, markdown_table
-from smoothtransfer.smoothing.runner import (
-    certify_dataset,
-    cpu_workers_available,
-    merge_shards,
-    predict_dataset,
-)
+from smoothtransfer.reporting.tables import DEFAULT_RADII, certified_table, markdown_table
+from smoothtransfer.smoothing.results import load_run, merge_shards
+from smoothtransfer.smoothing.runner import certify_dataset, predict_dataset
 from smoothtransfer.smoothing.sampling import (
     auto_batch_size,
     compile_for_inference,
@@ -42,6 +38,7 @@ from smoothtransfer.smoothing.sampling import (
 )
 from smoothtransfer.smoothing.sequential import certify_sequential
 from smoothtransfer.smoothing.stats import max_certifiable_radius
+from smoothtransfer.smoothing.workers import cpu_workers_available
 from smoothtransfer.utils import resolve_device
 
 CHECKPOINT_STEMS = ("checkpoint", "best", "last", "model", "final")
