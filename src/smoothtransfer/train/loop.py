@@ -213,8 +213,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, devi
     return {k: v / len(images) for k, v in correct.items()}
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # settings of a run directory
 
