@@ -324,10 +324,12 @@ def test_train_denoiser_runs_and_resumes(tmp_path, monkeypatch, kind, size):
     base = ["--kind", kind, "--size", size, "--dataset", "tiny", "--batch-size", "4", "--max-train", "8",
             "--device", "cpu", "--seed", "1", "--out", str(out), "--no-progress"]
     assert train_denoiser.run(_parse(base + ["--epochs", "1"])) == 0
-    latest = json.loads((out / "latest.json").read_text())
-    assert latest["epoch"] == 1 and (out / "epoch-0001" / "denoiser.json").exists()
-    state = torch.load(out / "epoch-0001" / "train_state.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["optimizer"]["state"]  # AdamW moments were saved
+    # the run directory holds the training engine's checkpoint (the one resume format) and the export
+    # (adapted from the epoch-NNNN/ + latest.json layout of the denoiser's own loop before the shared engine)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = ckpt["train_state"]
+    assert state["epoch"] == 1 and state["finished"] and (out / "denoiser.json").exists()
+    assert state["optimizer"]["state"]  # AdamW moments were saved
     d1 = load_denoiser(out)
     assert d1.kind == kind and d1.image_size == 16
     # an existing run is not overwritten silently
@@ -337,10 +339,11 @@ def test_train_denoiser_runs_and_resumes(tmp_path, monkeypatch, kind, size):
     with pytest.raises(UserError):
         train_denoiser.run(_parse([a if a != "8" else "6" for a in base] + ["--epochs", "2", "--resume"]))
     assert train_denoiser.run(_parse(base + ["--epochs", "2", "--resume"])) == 0
-    latest = json.loads((out / "latest.json").read_text())
-    assert latest["epoch"] == 2 and [h["epoch"] for h in latest["history"]] == [1, 2]
-    assert not (out / "epoch-0001").exists() and (out / "epoch-0002").exists()
-    assert not list(out.glob(".epoch-*"))  # no temp dirs left behind
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert not list(out.glob(".*"))  # no temp files left behind
     d2 = load_denoiser(out)
     p1 = dict(d1.named_parameters())
     assert any(not torch.equal(p1[n], p) for n, p in d2.named_parameters())  # epoch 2 trained

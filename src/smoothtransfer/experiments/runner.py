@@ -14,7 +14,6 @@ from smoothtransfer.experiments import store
 from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.experiments.tables import collect, write_report
 from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
-from smoothtransfer.models.denoisers import LATEST
 from smoothtransfer.smoothing.jobs import certify_run
 from smoothtransfer.train.denoiser import finished_epochs, train_denoiser
 from smoothtransfer.train.loop import run_training
@@ -66,12 +65,11 @@ def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = Non
 
 def run_denoiser(run: Run, out: Path, progress: bool = True) -> None:
     """Train the denoiser of a ``denoiser`` run (:func:`~smoothtransfer.train.train_denoiser`), resumed when
-    ``out`` holds an unfinished run; a finished one is reused."""
+    ``out`` holds an unfinished run; a finished one (also of an earlier version's layout) is reused."""
     args = _given(dict(run.denoiser_args or {}))
-    started = (out / LATEST).exists()
-    if started and finished_epochs(out) >= int(args.get("epochs", 10)):
+    if finished_epochs(out) >= int(args.get("epochs", 10)):
         return
-    train_denoiser(DenoiserConfig(**args, out=str(out), resume=started, progress=progress))
+    train_denoiser(DenoiserConfig(**args, out=str(out), resume=True, progress=progress))
 
 
 def plan(exp: Experiment) -> list[Run]:
@@ -84,7 +82,7 @@ def plan(exp: Experiment) -> list[Run]:
         for rid in list(todo):
             for dep in exp.runs[rid].needs:
                 d = exp.out / dep
-                have = (d / "train" / "checkpoint.pt").is_file() or (d / "denoiser" / "latest.json").is_file()
+                have = (d / "train" / "checkpoint.pt").is_file() or finished_epochs(d / "denoiser") > 0
                 if dep not in todo and not have:
                     todo.add(dep)
                     grew = True

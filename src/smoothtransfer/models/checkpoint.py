@@ -7,7 +7,8 @@ trained elsewhere. (It was ``smoothtransfer.train.checkpoint``, which still re-e
 A checkpoint is one ``torch.save`` file holding a dict::
 
     format        "smoothtransfer-checkpoint"        version   1
-    model_spec    Classifier.spec (JSON-able)        state_dict  the model's weights (incl. input normalisation)
+    model_spec    Classifier.spec (JSON-able; a denoiser's: models.denoisers.denoiser_spec)
+    state_dict    the model's weights (incl. input normalisation)
     classes       list of class names                dataset   dataset name (or a dict describing it)
     config        the run's configuration (dict)     git_rev   source revision, "-dirty" if modified
     epoch         int or None                        train_state  optimizer/scheduler/EMA/RNG state or None
@@ -44,11 +45,13 @@ from smoothtransfer.models.lora import apply_lora
 from smoothtransfer.models.norms import LEGACY_GROUP_RULE
 from smoothtransfer.utils import WRITE_ERRNOS, git_revision, resolve_device
 
-__all__ = ["FORMAT", "VERSION", "build_from_spec", "capture_rng_state", "load_checkpoint", "load_classifier",
+__all__ = ["FORMAT", "RUN_CHECKPOINT", "VERSION", "build_from_spec", "capture_rng_state", "load_checkpoint", "load_classifier",
            "restore_rng_state", "save_checkpoint", "to_weights_only", "unwrap_model"]
 
 FORMAT = "smoothtransfer-checkpoint"
 VERSION = 1
+#: the file name of a training run's checkpoint in its directory (the training engine's one resume format)
+RUN_CHECKPOINT = "checkpoint.pt"
 
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
@@ -64,6 +67,9 @@ def build_from_spec(spec: dict[str, Any]) -> Classifier:
     """
     if not isinstance(spec, dict):
         raise UserError(f"model spec must be a dict, got {type(spec).__name__}")
+    if spec.get("denoiser"):  # a train-denoiser checkpoint (models.denoisers.denoiser_spec)
+        raise UserError("this checkpoint holds a denoiser, not a classifier: load it with load_denoiser(DIR) "
+                        "or pass its directory as --denoiser")
     missing = [k for k in _SPEC_KEYS if k not in spec]
     if missing:
         raise UserError(f"model spec is missing {', '.join(missing)}")
@@ -167,14 +173,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, classes: list[str] | None, dataset: Any,
                     config: Any, epoch: int | None = None, train_state: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, model_spec: dict[str, Any] | None = None) -> Path:
     """Atomically write ``model`` (a Classifier, possibly compiled or DDP-wrapped) and its provenance.
 
     ``config`` may be a dict or a dataclass; ``train_state`` e.g. ``{"optimizer": opt.state_dict(),
-    "scheduler": ..., "ema": ema.state_dict(), "rng": capture_rng_state()}``. Returns the path written.
+    "scheduler": ..., "ema": ema.state_dict(), "rng": capture_rng_state()}``. ``model_spec`` describes a model
+    that is no Classifier (a denoiser: ``models.denoisers.denoiser_spec``). Returns the path written.
     """
     m = unwrap_model(model)
-    spec = getattr(m, "spec", None)
+    spec = model_spec if model_spec is not None else getattr(m, "spec", None)
     if not isinstance(spec, dict):
         raise TypeError(f"save_checkpoint needs a smoothtransfer Classifier (with .spec), got {type(m).__name__}")
     payload = to_weights_only({
@@ -229,8 +236,10 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read and validate a checkpoint written by :func:`save_checkpoint` (``weights_only=True``; ``mmap``: the
+    tensors are mapped, not read, until used — for reading a large checkpoint's train state).
 
     Raises UserError for a missing file, a file torch cannot read (truncated, corrupt, not a torch file),
     a file holding pickled Python objects, a foreign file (e.g. a plain state_dict), or a newer version.
@@ -241,7 +250,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not p.is_file():
         raise UserError(f"checkpoint path is not a file: {p}")
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # any failure to read a user-supplied file is a problem with the file
         # A well-formed pickle of Python objects, not a damaged file. torch words it "Unsupported global:
         # GLOBAL x.y" or "Trying to load unsupported GLOBAL posix.system" depending on version and object.

@@ -14,9 +14,14 @@ denoiser is part of the base classifier, so the certificate of the smoothed clas
 
 A saved denoiser is a directory with ``denoiser.json`` (``kind``, ``image_size``, ``channels``, ...) beside the
 weights (diffusion: diffusers' ``unet/`` and ``scheduler/`` sub-directories; mse: ``model.safetensors``).
+A ``smoothtransfer train-denoiser`` run directory holds the training engine's ``checkpoint.pt`` (its
+``model_spec`` is :func:`denoiser_spec`, rebuilt by :func:`build_denoiser`) and, once finished, that export;
+:func:`load_denoiser` reads either, and the run directories of earlier versions (``latest.json`` naming an
+``epoch-NNNN/`` export).
 
-Why one file (~430 lines): both denoiser kinds share the metadata file, the σ handling and the loader that
-picks the kind from ``denoiser.json``; :class:`DenoisedClassifier` is the ten lines that use them.
+Why one file (~490 lines): both denoiser kinds share the metadata file, the σ handling, the spec and the loader
+that picks the kind from ``denoiser.json`` or the spec; :class:`DenoisedClassifier` is the ten lines that use
+them.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from torch import nn
 
 from smoothtransfer._optional import require
 from smoothtransfer.errors import UserError
+from smoothtransfer.models.checkpoint import RUN_CHECKPOINT, load_checkpoint
 from smoothtransfer.utils import atomic_write_json
 
 METADATA = "denoiser.json"
 FORMAT_VERSION = 1
-LATEST = "latest.json"  # written by `smoothtransfer train-denoiser`: names the newest epoch directory
+#: written by `train-denoiser` before the training engine (read only): names the newest epoch-NNNN directory
+LATEST = "latest.json"
 
 DIFFUSION_SIZES = ("tiny", "small", "ddpm-cifar10")
 MSE_SIZES = {"tiny": (5, 16), "small": (10, 32), "dncnn": (17, 64)}  # (depth, width)
@@ -346,8 +353,49 @@ class MSEDenoiser(nn.Module):
 # loading, compatibility, composition
 
 
+def denoiser_spec(denoiser: nn.Module) -> dict[str, Any]:
+    """The JSON-able ``model_spec`` of a denoiser's training checkpoint: what :func:`build_denoiser` needs to
+    rebuild its architecture (``denoiser`` = the kind, its metadata, for diffusion the diffusers configs)."""
+    spec = {"denoiser": denoiser.kind, **denoiser.metadata()}
+    if denoiser.kind == "diffusion":
+        spec["unet_config"] = json.dumps(dict(denoiser.unet.config), default=str)
+        spec["scheduler_config"] = json.dumps(dict(denoiser.scheduler.config), default=str)
+    return spec
+
+
+def build_denoiser(spec: Mapping[str, Any]) -> nn.Module:
+    """The (untrained, randomly initialised) denoiser that :func:`denoiser_spec` describes."""
+    kind = spec.get("denoiser")
+    try:
+        if kind == "diffusion":
+            diffusers = require("diffusers", "a diffusion denoiser")  # [diffusion] extra, imported on use
+            return DiffusionDenoiser(diffusers.UNet2DModel.from_config(json.loads(spec["unet_config"])),
+                                     diffusers.DDPMScheduler.from_config(json.loads(spec["scheduler_config"])))
+        if kind == "mse":
+            return MSEDenoiser(channels=int(spec["channels"]), image_size=int(spec["image_size"]),
+                               depth=int(spec["depth"]), width=int(spec["width"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"invalid denoiser spec ({type(e).__name__}: {e})") from None
+    raise UserError(f"unknown denoiser kind {kind!r} in the spec; choose from: diffusion, mse")
+
+
+def _from_checkpoint(path: Path) -> nn.Module:
+    """The denoiser whose weights a ``train-denoiser`` checkpoint file holds."""
+    ckpt = load_checkpoint(path, mmap=True)  # the optimiser state beside the weights is never read
+    spec = ckpt["model_spec"]
+    if not spec.get("denoiser"):
+        raise UserError(f"{path} holds a classifier, not a denoiser (pass it as --checkpoint)")
+    with torch.random.fork_rng(devices=[]):  # the random initialisation must not move the caller's RNG
+        model = build_denoiser(spec)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit the denoiser spec: {str(e).splitlines()[0]}") from None
+    return model
+
+
 def _resolve_dir(path: Path) -> Path:
-    """Follow ``latest.json`` (a train-denoiser output directory) to its newest epoch directory."""
+    """Follow ``latest.json`` (a run directory of an earlier train-denoiser) to its newest epoch directory."""
     if not (path / METADATA).exists() and (path / LATEST).exists():
         try:
             name = json.loads((path / LATEST).read_text())["path"]
@@ -358,7 +406,9 @@ def _resolve_dir(path: Path) -> Path:
 
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a denoiser saved by ``save_pretrained`` / ``smoothtransfer train-denoiser`` (or, online, a hub id).
+    """Load a denoiser: a ``train-denoiser`` run directory (its ``checkpoint.pt``: the newest weights, also
+    while it trains) or checkpoint file, a directory written by ``save_pretrained``, a run directory of an
+    earlier version (``latest.json``), or, online, a hub id.
 
     Returns the module on ``device`` in eval mode with its parameters frozen (``requires_grad=False``).
     ``denoiser.json`` says the kind; a bare diffusers directory (no metadata) loads as a diffusion denoiser.
@@ -367,19 +417,23 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         path = os.fspath(path)[len("hf-hub:"):]
     p = Path(path)
     if p.exists():
-        p = _resolve_dir(p)
-        if (p / METADATA).exists():
-            kind = _read_metadata(p)["kind"]
-        elif (p / "unet").is_dir() or (p / "scheduler_config.json").exists():
-            kind = "diffusion"
+        ckpt = p if p.is_file() else p / RUN_CHECKPOINT
+        if ckpt.is_file():
+            model: nn.Module = _from_checkpoint(ckpt)
         else:
-            raise UserError(f"{path} is not a denoiser directory (no {METADATA})")
-        if kind == "diffusion":
-            model: nn.Module = DiffusionDenoiser.from_pretrained(p)
-        elif kind == "mse":
-            model = MSEDenoiser.from_pretrained(p)
-        else:
-            raise UserError(f"unknown denoiser kind '{kind}' in {p / METADATA}; choose from: diffusion, mse")
+            p = _resolve_dir(p)
+            if (p / METADATA).exists():
+                kind = _read_metadata(p)["kind"]
+            elif (p / "unet").is_dir() or (p / "scheduler_config.json").exists():
+                kind = "diffusion"
+            else:
+                raise UserError(f"{path} is not a denoiser directory (no {METADATA})")
+            if kind == "diffusion":
+                model = DiffusionDenoiser.from_pretrained(p)
+            elif kind == "mse":
+                model = MSEDenoiser.from_pretrained(p)
+            else:
+                raise UserError(f"unknown denoiser kind '{kind}' in {p / METADATA}; choose from: diffusion, mse")
     elif "/" in str(path) and not str(path).startswith((".", "/", "~")) and str(path).count("/") == 1:
         model = DiffusionDenoiser.from_pretrained(str(path))  # hub id, e.g. google/ddpm-cifar10-32
     else:

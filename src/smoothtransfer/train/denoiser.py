@@ -2,26 +2,31 @@
 
 ``kind="diffusion"`` trains a DDPM UNet with the ε-prediction loss (Ho et al. 2020) for one-shot denoising
 (Carlini et al. 2023); ``kind="mse"`` trains a σ-conditioned DnCNN with the MSE loss (Salman et al. 2020).
+The losses are :mod:`smoothtransfer.objectives.denoiser`; the loop is the training engine
+(:mod:`smoothtransfer.train.engine`), the same as for classifiers.
 
-Output layout (``out``): every epoch the denoiser is written with ``save_pretrained`` (plus ``train_state.pt``:
-optimizer state and epoch) into a temporary directory that is then renamed to ``out/epoch-NNNN``
-(``os.replace``), after which ``out/latest.json`` is atomically repointed and older epoch directories are
-removed. A kill at any moment leaves a complete checkpoint. ``load_denoiser(out)`` and ``resume=True`` follow
-``latest.json``. The data order of epoch e is seeded by (seed, e), so a resumed run draws the same batches as an
-uninterrupted one.
+Output layout (``out``):
+
+* ``checkpoint.pt`` — the engine's one resume format (weights, AdamW state, RNG state, epoch, step, history),
+  written atomically after every epoch; ``resume=True`` continues from it bit for bit (also with more
+  ``epochs`` than a finished run had). Its ``model_spec`` is :func:`~smoothtransfer.models.denoisers.denoiser_spec`.
+* the export, written with ``save_pretrained`` when the run finishes: ``denoiser.json`` + ``unet/`` +
+  ``scheduler/`` (diffusers' own format) or ``model.safetensors``.
+* ``run.json`` (settings, git revision, environment), ``train_summary.json`` (per-epoch history).
+
+``load_denoiser(out)`` and ``certify --denoiser out`` read ``checkpoint.pt`` (the newest weights, also while the
+run trains). Run directories of earlier versions (``latest.json`` + ``epoch-NNNN/``) still load, but cannot be
+resumed: start those afresh in another ``out``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from smoothtransfer.data import datasets
 from smoothtransfer.errors import UserError
@@ -32,21 +37,21 @@ from smoothtransfer.models.denoisers import (
     MSEDenoiser,
     create_ddpm_scheduler,
     create_diffusion_unet,
-    load_denoiser,
+    denoiser_spec,
 )
 from smoothtransfer.objectives.denoiser import denoiser_objective
+from smoothtransfer.train.engine import CHECKPOINT, Job, StepOutput, open_run, read_train_state, train
 from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
 
-__all__ = ["DEFAULT_LR", "DenoiserConfig", "train_denoiser"]
+__all__ = ["DEFAULT_LR", "DenoiserConfig", "finished_epochs", "train_denoiser"]
 
-TRAIN_STATE = "train_state.pt"
 DEFAULT_LR = {"diffusion": 2e-4, "mse": 1e-3}  # Ho et al. 2020; Salman et al. 2020
-#: settings a resumed run must share with the run it continues
+#: settings a resumed run must share with the run it continues (epochs, lr, ... may change)
 RESUME_KEYS = ("kind", "size", "dataset", "image_size", "channels", "sigmas", "batch_size", "max_train", "seed")
 
 
 def _record(cfg: DenoiserConfig, image_size: int, channels: int, lr: float) -> dict:
-    """The settings recorded in ``run.json``, ``latest.json`` and every ``train_state.pt``."""
+    """The settings recorded in ``run.json`` and in the checkpoint's ``config["denoiser"]``."""
     return {"kind": cfg.kind, "size": cfg.size, "dataset": cfg.dataset, "image_size": image_size,
             "channels": channels, "sigmas": list(cfg.sigmas) if cfg.kind == "mse" else None,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "weight_decay": cfg.weight_decay,
@@ -64,62 +69,55 @@ def _trainable(denoiser):
     return denoiser.unet if getattr(denoiser, "kind", None) == "diffusion" else denoiser
 
 
-def _save_epoch(out: Path, denoiser, optimizer, epoch: int, config: dict, history: list[dict]) -> None:
-    """Atomic checkpoint: temp dir → ``os.replace`` → ``epoch-NNNN``; then repoint ``latest.json``."""
-    name = f"epoch-{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary output directory
-        denoiser.save_pretrained(tmp)
-        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "config": json.dumps(config)},
-                   tmp / TRAIN_STATE)
-        final = out / name
-        if final.exists():  # a leftover of a run killed between rename and repointing: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_json(out / LATEST, {"path": name, "epoch": epoch, "config": config, "history": history})
-    for old in out.glob("epoch-*"):
-        if old.name != name and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+class DenoiserStep(nn.Module):
+    """One training step's forward: ``x`` ``(B,C,H,W)`` clean images in [0,1] → the denoiser objective's loss."""
 
+    def __init__(self, denoiser: nn.Module, objective) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.objective = objective
 
-def _load_resume(out: Path, config: dict):
-    """``(epoch dir, train state, history)`` of the run in ``out``, or None if there is none."""
-    if not (out / LATEST).exists():
-        return None
-    try:
-        latest = json.loads((out / LATEST).read_text())
-        d = out / latest["path"]
-        state = torch.load(d / TRAIN_STATE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot resume from {out}: {e}") from None
-    saved = json.loads(state["config"])
-    for key in RESUME_KEYS:
-        if saved.get(key) != config.get(key):
-            raise UserError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}, "
-                            f"now {key}={config.get(key)!r}")
-    return d, state, list(latest.get("history", []))
+    def forward(self, x: torch.Tensor) -> StepOutput:
+        loss, logs = self.objective(self.denoiser, x)
+        return StepOutput(loss, logs)
 
 
 def finished_epochs(out: str | os.PathLike) -> int:
-    """Epochs of the denoiser run in ``out`` (0 when there is none)."""
+    """Epochs of the denoiser run in ``out`` saved so far (0 when there is none); also for an earlier layout."""
+    state = read_train_state(out)
+    if state is not None:
+        return int(state.get("epoch", 0))
     latest = Path(out) / LATEST
     return len(json.loads(latest.read_text()).get("history", [])) if latest.exists() else 0
 
 
-def train_denoiser(cfg: DenoiserConfig) -> Path:
+def _check_settings(out: Path, config: dict):
+    def check(saved_config: dict) -> None:
+        saved = saved_config.get("denoiser")
+        if saved is None:
+            raise UserError(f"{out} holds a classifier run, not a denoiser run; choose another --out")
+        for key in RESUME_KEYS:
+            if saved.get(key) != config.get(key):
+                raise UserError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}, "
+                                f"now {key}={config.get(key)!r}")
+    return check
+
+
+def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None) -> Path:
     """Train (or, with ``resume=True``, continue) the denoiser of ``cfg``; returns ``cfg.out``, loadable with
-    ``load_denoiser`` or ``certify --denoiser``. Prints one line per epoch."""
+    ``load_denoiser`` or ``certify --denoiser``. Prints one line per epoch.
+
+    ``_stop_after_steps`` simulates an interruption (tests): KeyboardInterrupt after that many optimiser steps,
+    right after the checkpoint written at that point.
+    """
     cfg = cfg.validate()
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    if (out / LATEST).exists() and not cfg.resume:
-        raise UserError(f"{out} already holds a denoiser run; pass --resume to continue it or choose another --out")
+    if (out / LATEST).exists() and not (out / CHECKPOINT).exists():
+        raise UserError(f"{out} holds a denoiser run of an earlier version (latest.json, epoch-NNNN/), which "
+                        f"cannot be resumed; it still loads with --denoiser; start afresh with another --out")
 
     ds = datasets.get_dataset(cfg.dataset, "train", root=cfg.data_root, min_classes=1)  # labels are not used
     images = ds.images
@@ -135,60 +133,46 @@ def train_denoiser(cfg: DenoiserConfig) -> Path:
 
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.kind]
     config = _record(cfg, h, channels, lr)
+    existing = open_run(out, epochs=cfg.epochs, resume=cfg.resume, check_settings=_check_settings(out, config),
+                        hint="or choose another --out")
+    if existing is not None and existing["train_state"].get("finished"):
+        print(f"{out}: already trained for {existing['train_state']['epoch']} epoch(s)")
+        return out
+    if existing is None and cfg.resume:
+        print(f"no checkpoint in {out}; starting a new run")
     out.mkdir(parents=True, exist_ok=True)
 
-    resumed = _load_resume(out, config) if cfg.resume else None
-    if resumed is not None:
-        ckpt_dir, state, history = resumed
-        denoiser = load_denoiser(ckpt_dir, device)
-        start_epoch = int(state["epoch"])
-    else:
-        if cfg.resume:
-            print(f"no checkpoint in {out}; starting a new run")
-        torch.manual_seed(cfg.seed)
-        denoiser = _new_denoiser(cfg, h, channels).to(device)
-        state, history, start_epoch = None, [], 0
+    torch.manual_seed(cfg.seed)
+    denoiser = _new_denoiser(cfg, h, channels).to(device)
     module = _trainable(denoiser)
     module.requires_grad_(True)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
     objective = denoiser_objective(cfg.kind, cfg.sigmas)
     atomic_write_json(out / "run.json", {"config": config, "lr": lr, "git_rev": git_revision(),
                                          "environment": environment_info()})
-    if start_epoch >= cfg.epochs:
-        print(f"{out}: already trained for {start_epoch} epoch(s)")
-        return out
 
-    steps = max(1, n // cfg.batch_size)  # drop the last partial batch (except for tiny datasets)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
+    def get_batch(idx: torch.Tensor) -> tuple[torch.Tensor]:
+        x = images[idx].to(device, non_blocking=True).float().div_(255.0)
+        # Horizontal flips (Ho et al. train their CIFAR-10 DDPM with them; harmless for denoising).
+        flip = torch.rand(len(x), device=device) < 0.5
+        return (torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x),)
+
+    def begin_epoch(epoch: int, first_step: int) -> None:
         module.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # noise and t draws: same for a resumed epoch
-        total, count = 0.0, 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for s in bar:
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = images[idx].to(device, non_blocking=True).float().div_(255.0)
-            # Horizontal flips (Ho et al. train their CIFAR-10 DDPM with them; harmless for denoising).
-            flip = torch.rand(len(x), device=device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            loss, _ = objective(denoiser, x)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        bar.close()
-        module.eval()
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1), "time_s": round(time.time() - t0, 2)}
-        history.append(row)
-        _save_epoch(out, denoiser, optimizer, epoch + 1, config, history)
-        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.5f}  ({row['time_s']:.1f}s)  -> {out}")
+        if first_step == 0:  # noise and t draws of a fresh epoch depend on (seed, epoch) alone
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+
+    def export(model: nn.Module) -> None:  # the diffusers-compatible copy of the final weights
+        model.eval().save_pretrained(out)
+
+    job = Job(
+        out=out, label="denoiser", model=denoiser, step=DenoiserStep(denoiser, objective), optimizer=optimizer,
+        params=list(module.parameters()), get_batch=get_batch, n_train=n, batch_size=cfg.batch_size,
+        epochs=cfg.epochs, order_seed=lambda e: cfg.seed * 100_003 + e,
+        save_info={"classes": None, "dataset": cfg.dataset, "config": {"denoiser": config},
+                   "model_spec": denoiser_spec(denoiser)},
+        device=device, grad_clip=max(cfg.grad_clip, 0.0), progress=cfg.progress, begin_epoch=begin_epoch,
+        finalize=export,
+    )
+    train(job, existing, _stop_after_steps=_stop_after_steps)
     return out

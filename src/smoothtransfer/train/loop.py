@@ -1,28 +1,21 @@
-"""The trainer: one loop for pre-training and fine-tuning, from 2 CPU cores to several GPUs (torchrun/DDP).
+"""Classifier training: pre-training and fine-tuning, from 2 CPU cores to several GPUs (torchrun/DDP).
 
-Data live in memory as uint8 ``(N,C,H,W)``; each step indexes a batch, converts it to [0,1] floats and
-augments it on the device, so no worker processes are needed at 32 px. The data order of epoch ``e`` is a
-permutation seeded by ``(seed, e)`` and the global RNG state is saved with every checkpoint, so a resumed run
-(after an interruption at any checkpoint, mid-epoch included) continues exactly as the uninterrupted run.
-
-Why one file (~520 lines): :func:`run_training` is one loop whose exact resume (data order, RNG, optimiser
-and scheduler state, best-model selection) depends on every step of it; the helpers above it build its
-inputs and are used nowhere else.
+:func:`run_training` turns a :class:`~smoothtransfer.config.TrainConfig` into data, a model (fresh, or the
+``init`` checkpoint with a fresh head, LoRA or a frozen body), an objective, an optimiser and schedule, and
+hands them to the training engine (:mod:`smoothtransfer.train.engine`: the epoch/step loop, the one resume
+format in ``OUT/checkpoint.pt``, best-model selection, amp, progress, TensorBoard). Data live in memory as
+uint8 ``(N,C,H,W)``; each step indexes a batch, converts it to [0,1] floats and augments it on the device, so
+no worker processes are needed at 32 px. The data order of epoch ``e`` is seeded by ``seed * 1000 + e``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from smoothtransfer._optional import MissingExtra, require
 from smoothtransfer.config import TrainConfig, dump_yaml, from_dict, to_dict
@@ -34,7 +27,6 @@ from smoothtransfer.models.checkpoint import (
     build_from_spec,
     load_checkpoint,
     load_classifier,
-    save_checkpoint,
 )
 from smoothtransfer.models.denoisers import check_compatible, load_denoiser
 from smoothtransfer.models.external import parse_source
@@ -42,19 +34,18 @@ from smoothtransfer.models.factory import create_classifier
 from smoothtransfer.models.lora import apply_lora
 from smoothtransfer.objectives import build_objective
 from smoothtransfer.train import distributed as D
+from smoothtransfer.train.engine import BEST, CHECKPOINT, Job, amp_dtype, autocast, open_run, train
 from smoothtransfer.train.optim import build_optimizer, build_scheduler, param_groups
 from smoothtransfer.utils import (
     atomic_write_json,
     atomic_write_text,
-    auto_amp,
     environment_info,
     git_revision,
     resolve_device,
     seed_everything,
 )
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
+__all__ = ["BEST", "CHECKPOINT", "check_out_dir", "evaluate", "prepare", "run_training"]
 
 
 @dataclass
@@ -193,19 +184,6 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
     model.train()
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    amp = cfg.amp
-    if amp == "auto":
-        amp = auto_amp(device)
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _to_float(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images_u8.to(device, non_blocking=True).float().div_(255.0)
 
@@ -226,7 +204,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, devi
     for i in range(0, len(images), batch_size):
         x = _to_float(images[i:i + batch_size], device)
         y = targets[i:i + batch_size].to(device)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             correct["acc"] += (model(x).argmax(1) == y).sum().item()
             for s in sigmas:
                 noise = torch.randn(x.shape, generator=g, device=device, dtype=torch.float32)
@@ -236,20 +214,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, devi
 
 
 # ----------------------------------------------------------------------------------------------------
-# checkpoint state
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+# settings of a run directory
 
 
 def _config_for_compare(cfg: TrainConfig) -> dict:
@@ -271,26 +236,33 @@ def _saved_for_compare(saved: dict) -> dict:
 def check_out_dir(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> dict | None:
     """Decide what to do with an existing run directory. Returns the checkpoint to resume from (or None).
 
-    A finished run with the same settings is reused (returns a dict with ``finished``); different settings
-    or an unfinished run without ``--resume`` are UserErrors, so nothing is overwritten by accident.
+    A finished run with the same settings is reused (its ``train_state["finished"]`` is true); different
+    settings or an unfinished run without ``--resume`` are UserErrors, so nothing is overwritten by accident.
     """
-    path = Path(cfg.out) / CHECKPOINT
-    if not path.exists() or overwrite:
-        return None
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("config") or {}
-    if _saved_for_compare(saved.get("train", {})) != _config_for_compare(cfg):
-        raise UserError(f"{cfg.out} holds a run with other settings; use another --out (or --overwrite)")
-    state = ckpt.get("train_state") or {}
-    if state.get("finished"):
-        return ckpt
-    if not resume:
-        raise UserError(f"{cfg.out} holds an interrupted run: pass --resume to continue it (or --overwrite)")
-    return ckpt
+    def check(saved: dict) -> None:
+        if _saved_for_compare(saved.get("train", {})) != _config_for_compare(cfg):
+            raise UserError(f"{cfg.out} holds a run with other settings; use another --out (or --overwrite)")
+
+    return open_run(cfg.out, epochs=cfg.epochs, resume=resume, overwrite=overwrite, check_settings=check)
 
 
 # ----------------------------------------------------------------------------------------------------
-# the loop
+# the run
+
+
+def _writer(cfg: TrainConfig, out: Path):
+    """A TensorBoard writer, or None. tensorboard comes with the [tensorboard] extra: without it the run trains
+    and logs to train_summary.json as usual, and says once how to get the TensorBoard logs."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        require("tensorboard", "TensorBoard logging")
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(out / "tb"))
+    except MissingExtra as e:
+        print(f"note: {e} (or set tensorboard=false)", flush=True)
+        return None
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
@@ -323,9 +295,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     n_train = len(prep.train_targets)
     if n_train == 0:
         raise UserError(f"no training images left in {cfg.data.dataset} after the validation split/subsets")
-    global_bs = cfg.batch_size
-    per_rank_bs = max(1, global_bs // dist.world_size)
-    steps_per_epoch = max(1, n_train // global_bs) if n_train >= global_bs else 1
+    steps_per_epoch = max(1, n_train // cfg.batch_size)
 
     named = [(f"model.{n}", p) for n, p in model.named_parameters()]
     named += [(f"objective.{n}", p) for n, p in objective.named_parameters()]
@@ -340,36 +310,35 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema))
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    amp = amp_dtype(cfg.amp, device)
+    uses_labels = getattr(objective, "uses_labels", True)
+    augment = TRAIN_AUGMENTS.get(cfg.data.augment) if cfg.data.augment != "none" and uses_labels else None
 
-    step_module: nn.Module = TrainStep(model, objective)
-    if dist.enabled:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+    def get_batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _to_float(prep.train_images[idx], device)
+        y = prep.train_targets[idx].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
-    start_epoch, start_step, best = 0, 0, -math.inf
-    history: list[dict] = []
-    sums: dict[str, float] = {}
-    count = 0
-    if existing is not None:  # resume
-        st = existing["train_state"]
-        model.load_state_dict(st.get("raw_model") or existing["state_dict"])
-        objective.load_state_dict(st["objective"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        if ema is not None and st.get("ema") is not None:
-            ema.load_state_dict(st["ema"])
-        if scaler is not None and st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        start_epoch, start_step, best = st["epoch"], st["step_in_epoch"], st.get("best", -math.inf)
-        history = list(st.get("history", []))
-        if start_step:
-            sums, count = dict(st.get("epoch_sums") or {}), int(st.get("epoch_count") or 0)
-        _set_rng_state(st["rng"], device)
-        if dist.is_main:
-            print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+    def begin_epoch(epoch: int, first_step: int) -> None:
+        if hasattr(objective, "set_epoch"):
+            objective.set_epoch(epoch)
+        set_train_mode(model, prep.frozen_backbone)
+
+    def train_acc(result, batch) -> dict[str, float]:
+        return {"train_acc": (result.logits.argmax(1) == batch[1]).float().mean().item()}
+
+    def validate(eval_model: nn.Module) -> dict[str, float]:
+        val = evaluate(eval_model, prep.val_images, prep.val_targets, device, cfg.eval_batch_size,
+                       tuple(cfg.eval_sigmas), seed=cfg.seed, amp_dtype=amp)
+        return {f"val_{k}": v for k, v in val.items()}
+
+    def select_best(eval_model: nn.Module) -> None:
+        if cfg.select == "best" and (out / BEST).exists():
+            eval_model.load_state_dict(load_checkpoint(out / BEST)["state_dict"])
 
     writer = None
     if dist.is_main:
@@ -378,147 +347,23 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         atomic_write_json(out / "run_info.json", {
             "git_rev": git_revision(), "env": environment_info(), "seed": cfg.seed,
             "world_size": dist.world_size, "n_train": n_train, "n_val": len(prep.val_targets),
-            "amp": {"asked": cfg.amp, "used": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]},
+            "amp": {"asked": cfg.amp, "used": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]},
             "classes": prep.classes, "dataset": prep.dataset,
         })
-        if cfg.tensorboard:
-            # tensorboard comes with the [tensorboard] extra: without it the run trains and logs to
-            # train_summary.json as usual, and says once how to get the TensorBoard logs.
-            try:
-                require("tensorboard", "TensorBoard logging")
-                from torch.utils.tensorboard import SummaryWriter
+        writer = _writer(cfg, out)
 
-                writer = SummaryWriter(str(out / "tb"))
-            except MissingExtra as e:
-                print(f"note: {e} (or set tensorboard=false)", flush=True)
-                writer = None
-
-    def weights_for_eval() -> nn.Module:
-        return ema.module if ema is not None else model
-
-    def save(epoch: int, step_in_epoch: int, finished: bool, path: Path | None = None) -> None:
-        if not dist.is_main:
-            return
-        eval_model = weights_for_eval()
-        train_state = {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "finished": finished, "best": best,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "objective": objective.state_dict(), "rng": _rng_state(device),
-            "raw_model": model.state_dict() if ema is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "history": history,
-            # running sums of the epoch in progress, so a mid-epoch resume logs the same epoch means
-            "epoch_sums": dict(sums) if step_in_epoch else {},
-            "epoch_count": count if step_in_epoch else 0,
-        }
-        save_checkpoint(path or out / CHECKPOINT, eval_model, classes=prep.classes, dataset=prep.dataset,
-                        config={"train": _config_for_compare(cfg)}, epoch=epoch, train_state=train_state)
-
-    global_step = start_epoch * steps_per_epoch + start_step
-    steps_done_here = 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if hasattr(objective, "set_epoch"):
-                objective.set_epoch(epoch)
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            set_train_mode(model, prep.frozen_backbone)
-            first = start_step if epoch == start_epoch else 0
-            if epoch != start_epoch:
-                sums, count = {}, 0
-            count_before = count
-            t0 = time.time()
-            bar = tqdm(range(first, steps_per_epoch), desc=f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
-            for step in bar:
-                idx = perm[step * global_bs:(step + 1) * global_bs]
-                idx = idx[dist.rank * per_rank_bs:(dist.rank + 1) * per_rank_bs]
-                x = _to_float(prep.train_images[idx], device)
-                y = prep.train_targets[idx].to(device, non_blocking=True)
-                if cfg.data.augment != "none" and getattr(objective, "uses_labels", True):
-                    x = TRAIN_AUGMENTS.get(cfg.data.augment)(x)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, amp_dtype):
-                    out_ = step_module(x, y)
-                loss = out_.loss
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                global_step += 1
-                steps_done_here += 1
-                logs = {"loss": loss.item(), **{k: float(v) for k, v in out_.logs.items()}}
-                if getattr(objective, "uses_labels", True):
-                    logs["train_acc"] = (out_.logits.argmax(1) == y).float().mean().item()
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                bar.set_postfix({k: f"{sums[k] / count:.3f}" for k in ("loss", "train_acc") if k in sums})
-                if writer is not None and global_step % 10 == 0:
-                    for k, v in logs.items():
-                        writer.add_scalar(f"train/{k}", v, global_step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
-                last_in_epoch = step + 1 == steps_per_epoch
-                if not last_in_epoch and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    save(epoch, step + 1, False)
-                if _stop_after_steps is not None and steps_done_here >= _stop_after_steps and not last_in_epoch:
-                    save(epoch, step + 1, False)
-                    raise KeyboardInterrupt
-            bar.close()
-            seconds = time.time() - t0
-            record = {"epoch": epoch + 1, **{f"train_{k}" if not k.startswith("train") else k: v / max(count, 1)
-                                              for k, v in sums.items()},
-                      "images_per_s": (count - count_before) * global_bs / max(seconds, 1e-9), "seconds": seconds}
-            if getattr(objective, "uses_labels", True):
-                val = evaluate(weights_for_eval(), prep.val_images, prep.val_targets, device,
-                               cfg.eval_batch_size, tuple(cfg.eval_sigmas), seed=cfg.seed, amp_dtype=amp_dtype)
-                record.update({f"val_{k}": v for k, v in val.items()})
-            history.append(record)
-            if dist.is_main:
-                msg = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-                tqdm.write(f"[{cfg.stage}] epoch {epoch + 1}/{cfg.epochs}: {msg}")
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "epoch":
-                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            score = record.get("val_acc", -record.get("train_loss", 0.0))
-            is_best = score > best
-            if is_best:
-                best = score
-            finished = epoch + 1 == cfg.epochs
-            # Write best.pt first: checkpoint.pt marked finished must never point at a stale best.
-            if is_best:
-                save(epoch + 1, 0, False, out / BEST)
-            if not finished:
-                save(epoch + 1, 0, False)
-            if _stop_after_steps is not None and steps_done_here >= _stop_after_steps and not finished:
-                raise KeyboardInterrupt
-    finally:
-        if writer is not None:
-            writer.close()
-
-    if dist.is_main:
-        if cfg.select == "best" and (out / BEST).exists():
-            model_to_load = weights_for_eval()
-            model_to_load.load_state_dict(load_checkpoint(out / BEST)["state_dict"])
-        save(cfg.epochs, 0, True)
-        atomic_write_json(out / "train_summary.json", {"history": history, "best_val": best,
-                                                        "select": cfg.select})
+    job = Job(
+        out=out, label=cfg.stage, model=model, step=TrainStep(model, objective), optimizer=optimizer,
+        params=[p for g in groups for p in g["params"]], get_batch=get_batch, n_train=n_train,
+        batch_size=cfg.batch_size, epochs=cfg.epochs, order_seed=lambda e: cfg.seed * 1000 + e,
+        save_info={"classes": prep.classes, "dataset": prep.dataset, "config": {"train": _config_for_compare(cfg)}},
+        device=device, scheduler=scheduler, ema=ema, extra_state={"objective": objective}, amp_dtype=amp,
+        grad_clip=cfg.optim.grad_clip, checkpoint_every=cfg.checkpoint_every, keep_best=True,
+        progress=cfg.progress, dist=dist, writer=writer, begin_epoch=begin_epoch,
+        batch_logs=train_acc if uses_labels else None, evaluate=validate if uses_labels else None,
+        finalize=select_best, summary={"select": cfg.select},
+    )
+    train(job, existing, _stop_after_steps=_stop_after_steps)
     D.barrier(dist)
     D.cleanup(dist)
     return out / CHECKPOINT

@@ -1,0 +1,132 @@
+"""train_denoiser through the shared training engine: exact resume, the run directory, loading it, and the
+run directories of the denoiser's own loop before the engine (latest.json + epoch-NNNN/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smoothtransfer.errors import UserError
+from smoothtransfer.job_configs import DenoiserConfig
+from smoothtransfer.models.denoisers import DiffusionDenoiser, MSEDenoiser, load_denoiser
+from smoothtransfer.train.denoiser import finished_epochs, train_denoiser
+
+N, BATCH = 12, 4  # 3 steps per epoch
+
+
+class _TinyDataset:
+    def __init__(self, n=N, size=16, channels=3):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
+        self.targets = torch.zeros(n, dtype=torch.int64)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_data(monkeypatch):
+    import smoothtransfer.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+
+
+def _cfg(out, kind, epochs=2, seed=1, **kw) -> DenoiserConfig:
+    return DenoiserConfig(out=str(out), kind=kind, size="tiny", dataset="tiny", epochs=epochs, batch_size=BATCH,
+                          device="cpu", seed=seed, progress=False, **kw)
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted 2-epoch runs of both kinds: ``{kind: out}``."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        import smoothtransfer.data.datasets as datasets
+
+        mp.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+        for kind in ("mse", "diffusion"):
+            out = tmp_path_factory.mktemp(f"ref_{kind}")
+            train_denoiser(_cfg(out, kind))
+            runs[kind] = out
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["mse", "diffusion"])
+@pytest.mark.parametrize("stop_after", [3, 4])  # after epoch 1 (an epoch boundary), and mid epoch 2
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, reference, kind, stop_after):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(_cfg(out, kind), _stop_after_steps=stop_after)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]
+    assert not state["finished"] and (state["epoch"], state["step_in_epoch"]) == divmod(stop_after, 3)
+    assert not (out / "denoiser.json").exists()  # the export is written when the run finishes
+    assert finished_epochs(out) == 1
+    with pytest.raises(UserError, match="--resume"):  # an interrupted run is not overwritten
+        train_denoiser(_cfg(out, kind))
+    train_denoiser(_cfg(out, kind, resume=True))
+    ref = reference[kind]
+    _assert_same(_weights(ref), _weights(out))
+    ref_state = torch.load(ref / "checkpoint.pt", weights_only=True)["train_state"]
+    got_state = torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]
+    assert got_state["finished"] and got_state["epoch"] == 2
+    assert [h["train_loss"] for h in got_state["history"]] == [h["train_loss"] for h in ref_state["history"]]
+    # the export equals the checkpoint's weights
+    exported = (DiffusionDenoiser if kind == "diffusion" else MSEDenoiser).from_pretrained(out)
+    _assert_same(_weights(out), exported.state_dict())
+
+
+def test_run_directory_and_loading(tmp_path, reference):
+    out = reference["mse"]
+    names = {p.name for p in out.iterdir()}
+    assert {"checkpoint.pt", "run.json", "train_summary.json", "denoiser.json", "model.safetensors"} <= names
+    assert not any(n.startswith(".") or n.startswith("epoch-") or n == "latest.json" for n in names)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert finished_epochs(out) == 2
+    # load_denoiser reads the run directory or its checkpoint file, without moving the caller's RNG
+    before = torch.get_rng_state()
+    d = load_denoiser(out)
+    assert torch.equal(before, torch.get_rng_state())
+    assert isinstance(d, MSEDenoiser) and not d.training and not any(p.requires_grad for p in d.parameters())
+    _assert_same(d.state_dict(), load_denoiser(out / "checkpoint.pt").state_dict())
+    diff = load_denoiser(reference["diffusion"])
+    assert isinstance(diff, DiffusionDenoiser) and diff.image_size == 16
+    _assert_same(diff.state_dict(), _weights(reference["diffusion"]))
+    # a finished run is reused; more epochs need --resume; other settings are one line
+    train_denoiser(_cfg(out, "mse", resume=True))
+    with pytest.raises(UserError, match="--resume"):
+        train_denoiser(_cfg(out, "mse", epochs=3))
+    with pytest.raises(UserError, match="cannot resume .*seed=1.*seed=2"):
+        train_denoiser(_cfg(out, "mse", epochs=3, seed=2, resume=True))
+
+
+def test_checkpoints_are_not_mixed_up(tmp_path, reference):
+    from smoothtransfer.models.checkpoint import load_classifier
+
+    with pytest.raises(UserError, match="denoiser"):
+        load_classifier(reference["mse"] / "checkpoint.pt")
+
+
+def test_run_directory_of_earlier_version_loads_but_does_not_resume(tmp_path):
+    """The layout of the denoiser's own loop before the shared engine: epoch-NNNN/ exports + latest.json."""
+    torch.manual_seed(0)
+    den = MSEDenoiser.create("tiny", image_size=16)
+    out = tmp_path / "old"
+    den.eval().save_pretrained(out / "epoch-0002")
+    (out / "latest.json").write_text(json.dumps({"path": "epoch-0002", "epoch": 2, "config": {},
+                                                 "history": [{"epoch": 1}, {"epoch": 2}]}))
+    loaded = load_denoiser(out)
+    _assert_same(loaded.state_dict(), den.state_dict())
+    assert finished_epochs(out) == 2
+    for resume in (False, True):
+        with pytest.raises(UserError, match="earlier version.*start afresh"):
+            train_denoiser(_cfg(out, "mse", resume=resume))
