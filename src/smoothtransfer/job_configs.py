@@ -279,6 +279,9 @@ class DenoiserConfig(JobConfig):
     weight_decay: float = opt(0.0, help="AdamW weight decay (default: 0)")
     grad_clip: float = opt(1.0, help="max gradient norm (0 disables)")
     max_train: int | None = opt(None, help="train on a fixed random subset of this many images")
+    psnr_images: int = opt(500, help="when training ends, measure the denoiser's PSNR at each σ (diffusion: 0.25, "
+                                     "0.5, 1.0; mse: --sigmas) on this many test images, evenly spaced, into "
+                                     "OUT/psnr.json (0: skip; default: 500)")
     device: str = opt("auto", help="auto | cpu | cuda")
     seed: int = opt(0, help="seed (default: 0)")
     resume: bool = opt(False, help="continue from the last epoch saved in --out")
@@ -295,6 +298,7 @@ class DenoiserConfig(JobConfig):
         check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
         check(self.max_train is None or self.max_train >= 1, f"--max-train must be >= 1, got {self.max_train}")
+        check(self.psnr_images >= 0, f"--psnr-images must be >= 0, got {self.psnr_images}")
         check(self.kind != "mse" or (len(self.sigmas) > 0 and all(0 <= s < math.inf for s in self.sigmas)),
               f"--sigmas must be finite values >= 0, got {list(self.sigmas)}")
         return self

@@ -203,3 +203,21 @@ def test_a_partly_certified_run_is_not_complete(grid, tmp_path):
     s["sigmas"][-1]["complete"] = False
     summary.write_text(json.dumps(s))
     assert [r.id for r in plan(exp)] == ["good"]
+
+
+def test_psnr_column_reads_the_denoiser_run_of_a_row(tmp_path):
+    """A row certified through a grid's denoiser run shows that denoiser's PSNR at the row's σ (from its
+    psnr.json in the store); a row without a denoiser shows '–'."""
+    from smoothtransfer.experiments.tables import cell
+
+    exp = load_experiment("ftcadis", scale="cpu", out=tmp_path / "runs", results_dir=tmp_path / "store")
+    d = exp.results_dir / "dn" / "denoiser"
+    d.mkdir(parents=True)
+    (d / "psnr.json").write_text(json.dumps({"psnr": [
+        {"sigma": 0.25, "denoised_db": 24.04, "noisy_db": 12.1, "gain_db": 11.94},
+        {"sigma": 0.5, "denoised_db": 19.5, "noisy_db": 6.1, "gain_db": 13.4}]}))
+    res = collect(exp)
+    assert cell(res, {"run": "offshelf-dds", "sigma": 0.25}, "psnr") == "24.0 (input 12.1)"
+    assert cell(res, {"run": "offshelf-dds", "sigma": 0.5}, "psnr") == "19.5 (input 6.1)"
+    assert cell(res, {"run": "offshelf-dds", "sigma": 1.0}, "psnr") == "–"
+    assert cell(res, {"run": "offshelf", "sigma": 0.25}, "psnr") == "–"  # Gaussian smoothing: no denoiser

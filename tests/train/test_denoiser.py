@@ -130,3 +130,40 @@ def test_run_directory_of_earlier_version_loads_but_does_not_resume(tmp_path):
     for resume in (False, True):
         with pytest.raises(UserError, match="earlier version.*start afresh"):
             train_denoiser(_cfg(out, "mse", resume=resume))
+
+
+def test_finished_run_reports_psnr_per_sigma(tmp_path, reference):
+    """psnr.json: one entry per σ (diffusion: 0.25/0.5/1.0; mse: its training σ), the noisy input's PSNR near
+    −20·log10 σ (random uint8 images: clipping is not applied, so only the image count limits agreement), and a
+    finished run whose psnr.json is missing measures it again without training."""
+    import math
+
+    for kind, sigmas in (("diffusion", [0.25, 0.5, 1.0]), ("mse", list(DenoiserConfig(out="x").sigmas))):
+        rec = json.loads((reference[kind] / "psnr.json").read_text())
+        assert [e["sigma"] for e in rec["psnr"]] == sigmas
+        assert rec["num_images"] == N and rec["split"] == "test"
+        for e in rec["psnr"]:
+            # 12 images x 768 pixels: the mean per-image PSNR of pure noise is within 0.5 dB of -20 log10 σ
+            assert e["noisy_db"] == pytest.approx(-20 * math.log10(e["sigma"]), abs=0.5)
+            assert e["gain_db"] == pytest.approx(e["denoised_db"] - e["noisy_db"])
+    out = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(reference["mse"], out)
+    before = json.loads((out / "psnr.json").read_text())
+    (out / "psnr.json").unlink()
+    weights = _weights(out)
+    with pytest.MonkeyPatch.context() as mp:
+        import smoothtransfer.data.datasets as datasets
+
+        mp.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+        train_denoiser(_cfg(out, "mse", resume=True))
+    assert json.loads((out / "psnr.json").read_text()) == before  # seeded: the same figures again
+    _assert_same(weights, _weights(out))
+
+
+def test_psnr_images_zero_skips(tmp_path):
+    train_denoiser(_cfg(tmp_path / "r", "mse", epochs=1, psnr_images=0))
+    assert not (tmp_path / "r" / "psnr.json").exists()
+    with pytest.raises(UserError, match="psnr-images"):
+        _cfg(tmp_path / "s", "mse", psnr_images=-1).validate()

@@ -22,6 +22,8 @@ from smoothtransfer.data.noise import gaussian_noise
 from smoothtransfer.evaluation.attacks import check_pos_int, device_of, iter_batches
 from smoothtransfer.evaluation.noise_profile import check_sigmas
 
+#: the file a trained denoiser's PSNR per σ is kept in, beside its weights (``train.denoiser.measure_psnr``)
+PSNR_FILE = "psnr.json"
 #: floor on the per-image MSE: a pixel-exact output would give an infinite PSNR (capped at 100 dB)
 _MIN_MSE = 1e-10
 

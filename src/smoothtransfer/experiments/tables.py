@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from smoothtransfer.errors import UserError
+from smoothtransfer.evaluation.denoiser_quality import PSNR_FILE
 from smoothtransfer.experiments import store
 from smoothtransfer.experiments.spec import EVAL_KINDS, Experiment
 from smoothtransfer.reporting.compare import UNRESOLVED, clopper_pearson, paired_difference, verdict
@@ -63,8 +64,28 @@ def collect(exp: Experiment) -> dict[str, Any]:
         for key, f in (("train", d / "train" / "train_summary.json"), ("run_info", d / "train" / "run_info.json")):
             if f.is_file():
                 r[key] = json.loads(f.read_text())
+        dn = _denoiser_run(exp, run)
+        psnr = store.source_dir(exp, dn) / "denoiser" / PSNR_FILE if dn else None
+        if psnr is not None and psnr.is_file():
+            r["psnr"] = json.loads(psnr.read_text())
         results[run.id] = r
     return results
+
+
+def _denoiser_run(exp: Experiment, run) -> str | None:
+    """The id of the grid's denoiser run that ``run`` is certified through, if any."""
+    path = (run.evaluate.get("certify") or {}).get("denoiser")
+    for other in exp.runs.values():
+        if other.stage == "denoiser" and path and Path(path) == exp.out / other.id / "denoiser":
+            return other.id
+    return None
+
+
+def _psnr(r: dict, sigma: float) -> str:
+    for e in (r.get("psnr") or {}).get("psnr", []):
+        if abs(float(e["sigma"]) - sigma) < 1e-9:
+            return f"{e['denoised_db']:.1f} (input {e['noisy_db']:.1f})"
+    return "–"
 
 
 def _cert_at(s: dict, radius: float) -> float | None:
@@ -143,6 +164,7 @@ COLUMNS: dict[str, tuple[Callable[[str], str], Callable[[dict, float, str], str]
     "certacc": (lambda c: f"cert ε={c.split(':')[1]}", _cert_cell),
     "acr": (lambda c: "ACR", _cert_cell),
     "abstain": (lambda c: "abstain %", _cert_cell),
+    "psnr": (lambda c: "denoiser PSNR dB", lambda r, s, c: _psnr(r, s)),
     "sa": (lambda c: "SA", lambda r, s, c: _attack(r, "standard_acc")),
     "ra": (lambda c: "RA", lambda r, s, c: _attack(r, "robust_acc")),
 }

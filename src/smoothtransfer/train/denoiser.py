@@ -13,6 +13,9 @@ Output layout (``out``):
 * the export, written with ``save_pretrained`` when the run finishes: ``denoiser.json`` + ``unet/`` +
   ``scheduler/`` (diffusers' own format) or ``model.safetensors``.
 * ``run.json`` (settings, git revision, environment), ``train_summary.json`` (per-epoch history).
+* ``psnr.json`` — the finished denoiser's PSNR at each σ on ``psnr_images`` test images beside the noisy
+  input's (:mod:`smoothtransfer.evaluation.denoiser_quality`): how good a denoiser is before any classifier
+  sees its output.
 
 ``load_denoiser(out)`` and ``certify --denoiser out`` read ``checkpoint.pt`` (the newest weights, also while the
 run trains). Run directories of earlier versions (``latest.json`` + ``epoch-NNNN/``) still load, but cannot be
@@ -30,6 +33,7 @@ from torch import nn
 
 from smoothtransfer.data import datasets
 from smoothtransfer.errors import UserError
+from smoothtransfer.evaluation.denoiser_quality import PSNR_FILE, denoiser_psnr, psnr_table
 from smoothtransfer.job_configs import DenoiserConfig
 from smoothtransfer.models.denoisers import (
     LATEST,
@@ -38,6 +42,7 @@ from smoothtransfer.models.denoisers import (
     create_ddpm_scheduler,
     create_diffusion_unet,
     denoiser_spec,
+    load_denoiser,
 )
 from smoothtransfer.objectives.denoiser import denoiser_objective
 from smoothtransfer.train.engine import CHECKPOINT, Job, StepOutput, open_run, read_train_state, train
@@ -137,6 +142,8 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
                         hint="or choose another --out")
     if existing is not None and existing["train_state"].get("finished"):
         print(f"{out}: already trained for {existing['train_state']['epoch']} epoch(s)")
+        if cfg.psnr_images and not (out / PSNR_FILE).is_file():
+            measure_psnr(cfg, out, device)
         return out
     if existing is None and cfg.resume:
         print(f"no checkpoint in {out}; starting a new run")
@@ -175,4 +182,41 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
         finalize=export,
     )
     train(job, existing, _stop_after_steps=_stop_after_steps)
+    if cfg.psnr_images:
+        measure_psnr(cfg, out, device, denoiser)
     return out
+
+
+#: the σ a diffusion denoiser is measured at (those of the papers' tables); an MSE denoiser: its training σ
+PSNR_SIGMAS = (0.25, 0.5, 1.0)
+
+
+def measure_psnr(cfg: DenoiserConfig, out: Path, device: torch.device, denoiser: nn.Module | None = None) -> dict:
+    """PSNR of the trained denoiser at each σ on ``cfg.psnr_images`` evenly spaced test images (the test split
+    of ``cfg.dataset``; its training split if it has none), seeded by ``cfg.seed``; written to
+    ``out/psnr.json`` and printed. Returns what was written."""
+    if denoiser is None:
+        denoiser = load_denoiser(out, device=device)
+    split = "test"
+    try:
+        ds = datasets.get_dataset(cfg.dataset, "test", root=cfg.data_root, min_classes=1)
+    except UserError:
+        split = "train"
+        ds = datasets.get_dataset(cfg.dataset, "train", root=cfg.data_root, min_classes=1)
+    images = ds.images
+    step = max(1, len(images) // cfg.psnr_images)
+    idx = torch.arange(0, len(images), step)[: cfg.psnr_images]
+    sigmas = tuple(cfg.sigmas) if cfg.kind == "mse" else PSNR_SIGMAS
+    if isinstance(denoiser, DiffusionDenoiser):
+        sigmas = tuple(s for s in sigmas if s <= denoiser.max_sigma)
+    batches = ((images[j].float().div_(255.0), torch.zeros(len(j), dtype=torch.long))  # labels unused
+               for j in idx.split(cfg.batch_size))
+    res = denoiser_psnr(denoiser, batches, sigmas, batch_size=cfg.batch_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    record = {"dataset": cfg.dataset, "split": split, "num_images": len(idx), "every": step, "seed": cfg.seed,
+              "metric": "mean over images of 10·log10(1/MSE), images in [0,1], noise unclipped",
+              "psnr": [{"sigma": r.sigma, "denoised_db": r.denoised, "noisy_db": r.noisy, "gain_db": r.gain}
+                       for r in res]}
+    atomic_write_json(out / PSNR_FILE, record)
+    print(f"denoiser PSNR on {len(idx)} {cfg.dataset} {split} images:\n" + psnr_table(res), end="")
+    return record
