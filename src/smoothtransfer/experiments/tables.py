@@ -4,7 +4,7 @@ A table of an experiment YAML:
 
 - ``rows``: ``{run, sigma}`` (one certified σ of a run); ``columns``: names from :data:`COLUMNS` (a
   registry: ``base``, ``base_noisy``, ``clean``, ``cert:R``, ``certacc:R``, ``acr``, ``abstain``, ``sa``,
-  ``ra``, ``noise:S``). Every accuracy is printed with its 95% Clopper-Pearson interval over the test
+  ``ra``, ``noise:S``, ``psnr`` — the row's denoiser's PSNR at its σ). Every accuracy is printed with its 95% Clopper-Pearson interval over the test
   images it counts.
 - ``best_over_sigma: true``: rows are runs; each ``cert:R`` cell is the best of that run's certified σ
   curves at R, the view of Qiu et al. Tables 3-5 and FT-CADIS Table 1 (with :data:`BEST_NOTE`).
@@ -14,7 +14,7 @@ A table of an experiment YAML:
   comparison of two rows gets a paired interval on the same test images and a verdict computed from it
   (:mod:`smoothtransfer.reporting.compare`).
 
-Why one file (~410 lines): the column registry, the cells, the best-over-σ view, the claims and the report
+Why one file (~430 lines): the column registry, the cells, the best-over-σ view, the claims and the report
 all read the same collected results; each is short and they are only used together.
 """
 
