@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +104,14 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
             print(f"[{exp.name}/{exp.scale}] {run.id}: complete in {exp.results_dir}; reusing it", flush=True)
     for i, run in enumerate(todo, 1):
         print(f"[{exp.name}/{exp.scale}] run {i}/{len(todo)}: {run.id} ({run.stage})", flush=True)
-        t0 = time.time()
-        if run.stage == "denoiser":
-            run_denoiser(run, exp.out / run.id / "denoiser", progress)
-        else:
-            cfg = run.train if progress else replace(run.train, progress=False)
-            ckpt = run_training(cfg, resume=True)
-            for kind, e in run.evaluate.items():
-                run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
-        store.add_timing(exp, run.id, time.time() - t0)
+        with store.timed(exp, run.id):  # wall time, counted across interruptions and sessions
+            if run.stage == "denoiser":
+                run_denoiser(run, exp.out / run.id / "denoiser", progress)
+            else:
+                cfg = run.train if progress else replace(run.train, progress=False)
+                ckpt = run_training(cfg, resume=True)
+                for kind, e in run.evaluate.items():
+                    run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
         store.export_run(exp, run)
     results = collect(exp)
     write_report(exp, results)

@@ -11,8 +11,11 @@ reuses it instead of training again, so a fresh clone regenerates RESULTS.md wit
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +136,36 @@ def add_timing(exp: Experiment, run_id: str, seconds: float) -> None:
             t = json.loads(p.read_text()) if p.is_file() else {}
             t[run_id] = t.get(run_id, 0.0) + seconds
             atomic_write_json(p, t)
+
+
+@contextlib.contextmanager
+def timed(exp: Experiment, run_id: str, every: float = 60.0):
+    """Count the wall time spent inside the ``with`` block towards ``run_id`` (:func:`add_timing`), in slices
+    of ``every`` seconds from a background thread, so a run killed hours in (a session's end, SIGKILL) loses
+    at most one slice instead of all of it; the rest is added when the block exits, by error or interrupt too."""
+    stop = threading.Event()
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def flush() -> None:
+        with lock:
+            now = time.monotonic()
+            elapsed, last[0] = now - last[0], now
+        if elapsed > 0:
+            add_timing(exp, run_id, elapsed)
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                flush()
+            except OSError:  # a full or read-only disk must not kill the run; the final flush reports it
+                pass
+
+    thread = threading.Thread(target=beat, name=f"timing-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        flush()
