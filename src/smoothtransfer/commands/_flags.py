@@ -124,3 +124,16 @@ def train_overrides(args: argparse.Namespace, stage: str) -> list[str]:
         elif value is not None:
             out.append(f"{fl.key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     return out
+
+
+def parse_jobs(text: str) -> int:
+    """``--jobs``: a positive integer or ``auto`` (0)."""
+    if text == "auto":
+        return 0
+    try:
+        j = int(text)
+    except ValueError:
+        j = 0
+    if j < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got '{text}'")
+    return j

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from smoothtransfer.commands._flags import parse_jobs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=["quick", "paper"],
@@ -19,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. --set epochs=1 or --set certify.max=20")
+    p.add_argument("--jobs", type=parse_jobs, default=0, metavar="J",
+                   help="train the clean and the mixed-noise model side by side, one process per core (default "
+                        "auto; 1: one after the other)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -28,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     exp = E.load_experiment("demo", args.preset, out=args.out, overrides=args.overrides,
                             data_root=args.data_root, device=args.device)
-    results = E.run_experiment(exp, progress=not args.no_progress)
+    results = E.run_experiment(exp, progress=not args.no_progress, jobs=args.jobs)
     print()
     print(E.render_tables(exp, results))
     print(f"_{E.settings_line(exp)}_")

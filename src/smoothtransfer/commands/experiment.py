@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from smoothtransfer.commands._flags import parse_jobs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="experiment name (see --list) or a YAML file")
@@ -22,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results store: the small result files of every run are kept in DIR/NAME/SCALE (commit "
                    "them); a run complete there with the same settings is not run again (default: results)")
     p.add_argument("--report-only", action="store_true", help="write tables from existing run dirs; train nothing")
+    p.add_argument("--jobs", type=parse_jobs, default=1, metavar="J",
+                   help="run up to J independent runs side by side, one process per core group (auto: one per "
+                        "core); progress bars are then off and each output line names its run (default: 1)")
     p.add_argument("--list", action="store_true", help="list the bundled experiments")
     p.add_argument("--no-progress", action="store_true")
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         results = E.collect(exp)
         E.write_report(exp, results)
     else:
-        results = E.run_experiment(exp, progress=not args.no_progress)
+        results = E.run_experiment(exp, progress=not args.no_progress, jobs=args.jobs)
     print(E.render_tables(exp, results))
     print(f"report: {exp.out / 'report.md'}")
     if args.results:

@@ -10,6 +10,7 @@ from smoothtransfer.config import replace, to_dict
 from smoothtransfer.errors import UserError
 from smoothtransfer.evaluation.jobs import run_attack, run_noise_profile
 from smoothtransfer.experiments import store
+from smoothtransfer.experiments.parallel import available_cores, run_parallel
 from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.experiments.tables import collect, write_report
 from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
@@ -88,9 +89,27 @@ def plan(exp: Experiment) -> list[Run]:
     return [r for r in exp.order() if r.id in todo]
 
 
-def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
+def run_one(exp: Experiment, run_id: str, progress: bool = True) -> None:
+    """Train and evaluate one run of the grid (its dependencies must be done), time it and store its results."""
+    run = exp.runs[run_id]
+    with store.timed(exp, run.id):  # wall time, counted across interruptions and sessions
+        if run.stage == "denoiser":
+            run_denoiser(run, exp.out / run.id / "denoiser", progress)
+        else:
+            cfg = run.train if progress else replace(run.train, progress=False)
+            ckpt = run_training(cfg, resume=True)
+            for kind, e in run.evaluate.items():
+                run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
+    store.export_run(exp, run)
+
+
+def run_experiment(exp: Experiment, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Train and evaluate every run (reusing finished runs and complete stored results), keep the small
-    result files in the store, then write the tables. Returns the results."""
+    result files in the store, then write the tables. Returns the results.
+
+    ``jobs`` > 1 runs independent runs side by side (0: one per core, at most one per independent chain), each in its own process on its own cores
+    (:mod:`~smoothtransfer.experiments.parallel`; progress bars are then off and output lines carry the run
+    id). Results do not depend on it."""
     exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(exp.out / "experiment.json", {
         "name": exp.name, "scale": exp.scale, "git_rev": git_revision(), "env": environment_info(),
@@ -102,17 +121,24 @@ def run_experiment(exp: Experiment, progress: bool = True) -> dict[str, Any]:
     for run in exp.order():
         if run not in todo:
             print(f"[{exp.name}/{exp.scale}] {run.id}: complete in {exp.results_dir}; reusing it", flush=True)
-    for i, run in enumerate(todo, 1):
-        print(f"[{exp.name}/{exp.scale}] run {i}/{len(todo)}: {run.id} ({run.stage})", flush=True)
-        with store.timed(exp, run.id):  # wall time, counted across interruptions and sessions
-            if run.stage == "denoiser":
-                run_denoiser(run, exp.out / run.id / "denoiser", progress)
-            else:
-                cfg = run.train if progress else replace(run.train, progress=False)
-                ckpt = run_training(cfg, resume=True)
-                for kind, e in run.evaluate.items():
-                    run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
-        store.export_run(exp, run)
+    if jobs == 0:  # auto: one process per core, no more than the independent chains of runs to do
+        ids = {r.id for r in todo}
+        jobs = min(len(available_cores()), max(1, sum(1 for r in todo if not set(r.needs) & ids)))
+    if jobs > 1 and len(todo) > 1:
+        n = len(todo)
+        position = {r.id: i for i, r in enumerate(todo, 1)}
+
+        def announce(run: Run, cores: list[int]) -> None:
+            print(f"[{exp.name}/{exp.scale}] run {position[run.id]}/{n}: {run.id} ({run.stage}) on core(s) "
+                  f"{','.join(map(str, cores))}", flush=True)
+
+        run_parallel(todo, needs=lambda r: r.needs, key=lambda r: r.id, target=run_one,
+                     args_of=lambda r: (exp, r.id, False), jobs=jobs,
+                     done={r.id for r in exp.runs.values()} - {r.id for r in todo}, announce=announce)
+    else:
+        for i, run in enumerate(todo, 1):
+            print(f"[{exp.name}/{exp.scale}] run {i}/{len(todo)}: {run.id} ({run.stage})", flush=True)
+            run_one(exp, run.id, progress)
     results = collect(exp)
     write_report(exp, results)
     return results

@@ -27,8 +27,8 @@ RowsFn = Callable[[list[int]], list[tuple[str, int]]]
 _FORK_ROWS: RowsFn | None = None
 
 
-def _die_with_parent(parent: int) -> None:
-    """Make this worker exit when the parent does, even by ``kill -9``: orphaned workers would otherwise wait
+def die_with_parent(parent: int) -> None:
+    """Make this process (a worker) exit when the parent does, even by ``kill -9``: orphaned workers would otherwise wait
     on their task pipe forever (the forked children hold its write end too, so they never see EOF).
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, set up by the kernel; elsewhere a thread that watches the
@@ -60,7 +60,7 @@ def _die_with_parent(parent: int) -> None:
 def _worker_init(threads: int, parent: int, close_fds: Sequence[int] = ()) -> None:
     import signal
 
-    _die_with_parent(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent may turn SIGTERM into KeyboardInterrupt: not here
     for fd in close_fds:  # the parent's result-file locks: they must end with the parent, not with a worker
