@@ -22,7 +22,10 @@ import sys
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 
+import torch
+
 from smoothtransfer.errors import UserError
+from smoothtransfer.smoothing.workers import die_with_parent
 
 #: seconds a stopped run has to write its checkpoint before it is killed
 STOP_GRACE_S = 120.0
@@ -70,10 +73,6 @@ def _raise_interrupt(signum, frame):
 
 def child_main(target: Callable[..., None], args: tuple, cores: list[int], parent: int, prefix: str) -> None:
     """Entry point of one run's process: pinned to ``cores``, dies with ``parent``; SIGTERM = Ctrl-C."""
-    import torch
-
-    from smoothtransfer.smoothing.workers import die_with_parent
-
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _raise_interrupt)
