@@ -7,7 +7,6 @@ datasets folder (``$SMOOTHTRANSFER_DATA`` or ``../shared/datasets``); skipped wi
 from __future__ import annotations
 
 import inspect
-import os
 
 import pytest
 import yaml
@@ -28,19 +27,6 @@ def _grids() -> list[tuple[str, str]]:
 
 
 GRIDS = _grids()
-
-
-@pytest.fixture(scope="module")
-def data_root() -> str:
-    from smoothtransfer.data.datasets import resolve_data_root
-
-    try:
-        root = resolve_data_root(os.environ.get("SMOOTHTRANSFER_DATA"))
-    except UserError:
-        pytest.skip("datasets folder not found (set SMOOTHTRANSFER_DATA)")
-    if not root.is_dir():
-        pytest.skip(f"datasets folder {root} does not exist")
-    return str(root)
 
 
 def _load(name: str, scale: str, data_root: str, tmp_path, **kw):

@@ -15,19 +15,6 @@ from smoothtransfer.experiments.matrix import expand_matrix, expand_runs
 from smoothtransfer.job_configs import CertifyConfig
 
 
-@pytest.fixture(scope="module")
-def data_root() -> str:
-    from smoothtransfer.data.datasets import resolve_data_root
-
-    try:
-        root = resolve_data_root(os.environ.get("SMOOTHTRANSFER_DATA"))
-    except UserError:
-        pytest.skip("datasets folder not found (set SMOOTHTRANSFER_DATA)")
-    if not (root / "cifar10").is_dir():
-        pytest.skip(f"no cifar10 in {root}")
-    return str(root)
-
-
 def _grid(tmp_path, runs: dict, defaults: dict | None = None, scales: dict | None = None) -> str:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({
