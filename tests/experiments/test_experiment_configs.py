@@ -86,6 +86,8 @@ def test_grid_loads(name, scale, data_root, tmp_path):
                     assert any(abs(s - want) < 1e-12 for s in sigmas), f"{where}: {col}"
                 elif col in ("sa", "ra"):
                     assert "attack" in run.evaluate, where
+                elif col == "psnr":  # the row's denoiser's PSNR: '–' for rows without one (Gaussian smoothing)
+                    assert any(r.stage == "denoiser" for r in exp.runs.values()), where
                 elif col.startswith("noise:"):
                     assert "noise_profile" in run.evaluate, where
                     sigmas = [float(s) for s in run.evaluate["noise_profile"].get("sigmas", [])]

@@ -221,3 +221,4 @@ def test_psnr_column_reads_the_denoiser_run_of_a_row(tmp_path):
     assert cell(res, {"run": "offshelf-dds", "sigma": 0.5}, "psnr") == "19.5 (input 6.1)"
     assert cell(res, {"run": "offshelf-dds", "sigma": 1.0}, "psnr") == "–"
     assert cell(res, {"run": "offshelf", "sigma": 0.25}, "psnr") == "–"  # Gaussian smoothing: no denoiser
+    assert "denoiser PSNR dB" in render_tables(exp, res)  # Table 1a shows the column

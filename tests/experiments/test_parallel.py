@@ -85,3 +85,17 @@ def test_a_failing_run_is_named(tmp_path, monkeypatch):
     exp = load_experiment(str(_grid(tmp_path, data, bad=True)), "cpu-small", out=tmp_path / "runs", results_dir=None)
     with pytest.raises(UserError, match="run 'b' failed"):
         run_experiment(exp, progress=False, jobs=2)
+
+
+def test_plan_retrains_an_upstream_run_left_half_trained(tmp_path, monkeypatch):
+    """A stored-complete upstream run whose run directory holds only an interrupted checkpoint is run again
+    before its dependents start from it (before: any checkpoint.pt counted, e.g. one of epoch 3 of 15)."""
+    from smoothtransfer.experiments import runner, store
+
+    data = _folder(tmp_path / "data", 0)
+    exp = load_experiment(str(_grid(tmp_path, data)), "cpu-small", out=tmp_path / "runs", results_dir=None)
+    monkeypatch.setattr(store, "is_complete", lambda e, r: r.id != "a-ft")
+    for state, expect in (({"finished": False, "epoch": 3}, ["a", "a-ft"]), ({"finished": True}, ["a-ft"]),
+                          (None, ["a", "a-ft"])):
+        monkeypatch.setattr(runner, "read_train_state", lambda out, s=state: s)
+        assert [r.id for r in runner.plan(exp)] == expect

@@ -320,6 +320,7 @@ def test_train_denoiser_runs_and_resumes(tmp_path, monkeypatch, kind, size):
     from smoothtransfer.commands import train_denoiser
 
     monkeypatch.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+    monkeypatch.setattr(datasets, "check_available", lambda *a, **kw: None)
     out = tmp_path / "run"
     base = ["--kind", kind, "--size", size, "--dataset", "tiny", "--batch-size", "4", "--max-train", "8",
             "--device", "cpu", "--seed", "1", "--out", str(out), "--no-progress"]

@@ -28,6 +28,7 @@ def _tiny_data(monkeypatch):
     import smoothtransfer.data.datasets as datasets
 
     monkeypatch.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+    monkeypatch.setattr(datasets, "check_available", lambda *a, **kw: None)
 
 
 def _cfg(out, kind, epochs=2, seed=1, **kw) -> DenoiserConfig:
@@ -53,6 +54,7 @@ def reference(tmp_path_factory):
         import smoothtransfer.data.datasets as datasets
 
         mp.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+        mp.setattr(datasets, "check_available", lambda *a, **kw: None)
         for kind in ("mse", "diffusion"):
             out = tmp_path_factory.mktemp(f"ref_{kind}")
             train_denoiser(_cfg(out, kind))
@@ -157,6 +159,7 @@ def test_finished_run_reports_psnr_per_sigma(tmp_path, reference):
         import smoothtransfer.data.datasets as datasets
 
         mp.setattr(datasets, "get_dataset", lambda name, split, root=None, **kw: _TinyDataset())
+        mp.setattr(datasets, "check_available", lambda *a, **kw: None)
         train_denoiser(_cfg(out, "mse", resume=True))
     assert json.loads((out / "psnr.json").read_text()) == before  # seeded: the same figures again
     _assert_same(weights, _weights(out))

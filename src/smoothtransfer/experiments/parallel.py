@@ -8,6 +8,11 @@ process: its cores are set with ``sched_setaffinity`` (so certification's ``--wo
 torch uses that many threads. Runs write their own run directories and store entries; the timings file is
 shared under a lock (``store.add_timing``).
 
+Results: each run is computed as it would be alone, except that torch uses fewer intra-op threads, and CPU
+kernels do not promise bit-identical sums across thread counts (the tests find identical files for small
+models). A script that calls ``run_experiment(..., jobs=2)`` needs the ``if __name__ == "__main__":`` guard of
+any ``multiprocessing`` spawn user.
+
 Interrupts: Ctrl-C or SIGTERM stops every running run the way Ctrl-C stops one (each saved its last
 checkpoint; certification keeps its rows); a rerun resumes. A run that fails stops the others the same way,
 and its error is printed by the run itself. Children die with the parent, even by ``kill -9``.
@@ -26,6 +31,7 @@ import torch
 
 from smoothtransfer.errors import UserError
 from smoothtransfer.smoothing.workers import die_with_parent
+from smoothtransfer.utils import set_progress
 
 #: seconds a stopped run has to write its checkpoint before it is killed
 STOP_GRACE_S = 120.0
@@ -76,6 +82,10 @@ def child_main(target: Callable[..., None], args: tuple, cores: list[int], paren
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    set_progress(False)  # two processes' progress bars on one terminal line help nobody
+    for stream in (sys.stdout, sys.stderr):  # whole lines, so that two runs' lines never mix in a log file
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     sys.stdout = _Prefixed(sys.stdout, prefix)
     sys.stderr = _Prefixed(sys.stderr, prefix)
     if hasattr(os, "sched_setaffinity"):
@@ -92,6 +102,17 @@ def child_main(target: Callable[..., None], args: tuple, cores: list[int], paren
 
 
 def _stop(procs: Sequence[mp.process.BaseProcess]) -> None:
+    """Stop the runs as Ctrl-C stops one, waiting for their checkpoints; a second Ctrl-C/SIGTERM meanwhile does
+    not cut the wait short (the children would then be killed mid-epoch by their parent's death)."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _stop_now(procs)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _stop_now(procs: Sequence[mp.process.BaseProcess]) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()  # SIGTERM: the run stops as on Ctrl-C
@@ -139,7 +160,7 @@ def run_parallel(order: Sequence, needs: Callable[[object], Sequence[str]], key:
                 elif failed is None:
                     failed = (key(item), p.exitcode)
                     _stop([q for q, _, _ in running.values()])
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM, or a failure of the scheduler itself: stop the runs cleanly
         _stop([q for q, _, _ in running.values()])
         raise
     if failed is not None:

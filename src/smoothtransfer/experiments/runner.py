@@ -8,6 +8,7 @@ from typing import Any
 
 from smoothtransfer.config import replace, to_dict
 from smoothtransfer.errors import UserError
+from smoothtransfer.evaluation.denoiser_quality import PSNR_FILE
 from smoothtransfer.evaluation.jobs import run_attack, run_noise_profile
 from smoothtransfer.experiments import store
 from smoothtransfer.experiments.parallel import available_cores, run_parallel
@@ -15,9 +16,10 @@ from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.experiments.tables import collect, write_report
 from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
 from smoothtransfer.smoothing.jobs import certify_run
-from smoothtransfer.train.denoiser import finished_epochs, train_denoiser
+from smoothtransfer.train.denoiser import finished_epochs, measure_psnr, train_denoiser
+from smoothtransfer.train.engine import read_train_state
 from smoothtransfer.train.loop import run_training
-from smoothtransfer.utils import atomic_write_json, environment_info, git_revision
+from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
 
 RESULT_FILES = {"attack": "attack.json", "noise_profile": "noise_profile.json"}
 
@@ -66,24 +68,36 @@ def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = Non
 def run_denoiser(run: Run, out: Path, progress: bool = True) -> None:
     """Train the denoiser of a ``denoiser`` run (:func:`~smoothtransfer.train.train_denoiser`), resumed when
     ``out`` holds an unfinished run; a finished one (also of an earlier version's layout) is reused."""
-    args = _given(dict(run.denoiser_args or {}))
-    if finished_epochs(out) >= int(args.get("epochs", 10)):
+    cfg = DenoiserConfig(**_given(dict(run.denoiser_args or {})), out=str(out), resume=True, progress=progress)
+    if finished_epochs(out) >= cfg.epochs:
+        # trained already (perhaps before denoisers measured their PSNR, or interrupted while measuring it)
+        if cfg.psnr_images and not (out / PSNR_FILE).is_file():
+            measure_psnr(cfg.validate(), out, resolve_device(cfg.device))
         return
-    train_denoiser(DenoiserConfig(**args, out=str(out), resume=True, progress=progress))
+    train_denoiser(cfg)
+
+
+def has_final_weights(exp: Experiment, run_id: str) -> bool:
+    """The run directory of ``run_id`` holds its finished model (an interrupted run's resume checkpoint does not
+    count: a run started from it would start from a half-trained model)."""
+    run, d = exp.runs[run_id], exp.out / run_id
+    if run.stage == "denoiser":
+        epochs = DenoiserConfig(**_given(dict(run.denoiser_args or {})), out=str(d)).epochs
+        return finished_epochs(d / "denoiser") >= epochs
+    state = read_train_state(d / "train")
+    return bool(state and state.get("finished"))
 
 
 def plan(exp: Experiment) -> list[Run]:
     """The runs that must execute: those the store does not hold complete, plus any run they start from whose
-    checkpoint is not in its run directory (a stored run keeps its results, not its weights)."""
+    finished model is not in its run directory (a stored run keeps its results, not its weights)."""
     todo = {r.id for r in exp.runs.values() if not store.is_complete(exp, r)}
     grew = True
     while grew:
         grew = False
         for rid in list(todo):
             for dep in exp.runs[rid].needs:
-                d = exp.out / dep
-                have = (d / "train" / "checkpoint.pt").is_file() or finished_epochs(d / "denoiser") > 0
-                if dep not in todo and not have:
+                if dep not in todo and not has_final_weights(exp, dep):
                     todo.add(dep)
                     grew = True
     return [r for r in exp.order() if r.id in todo]
@@ -109,7 +123,7 @@ def run_experiment(exp: Experiment, progress: bool = True, jobs: int = 1) -> dic
 
     ``jobs`` > 1 runs independent runs side by side (0: one per core, at most one per independent chain), each in its own process on its own cores
     (:mod:`~smoothtransfer.experiments.parallel`; progress bars are then off and output lines carry the run
-    id). Results do not depend on it."""
+    id). Results are the same up to the CPU kernels' sums over fewer threads (see ``parallel``)."""
     exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(exp.out / "experiment.json", {
         "name": exp.name, "scale": exp.scale, "git_rev": git_revision(), "env": environment_info(),

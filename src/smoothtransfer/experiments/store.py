@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from smoothtransfer.config import to_dict
+from smoothtransfer.evaluation.denoiser_quality import PSNR_FILE
 from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.smoothing.results import SUMMARY_FILE, complete_sigmas
 from smoothtransfer.utils import atomic_write_bytes, atomic_write_json
@@ -75,7 +76,8 @@ def is_complete(exp: Experiment, run: Run) -> bool:
     except ValueError:
         return False
     if run.stage == "denoiser":
-        return any((d / "denoiser").glob("*.json"))
+        psnr_wanted = (run.denoiser_args or {}).get("psnr_images", 1) != 0
+        return any((d / "denoiser").glob("*.json")) and (not psnr_wanted or (d / "denoiser" / PSNR_FILE).is_file())
     if not (d / "train" / "train_summary.json").is_file():
         return False
     if not all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate):
@@ -131,7 +133,9 @@ def add_timing(exp: Experiment, run_id: str, seconds: float) -> None:
             continue
         d.mkdir(parents=True, exist_ok=True)
         with open(d / ".timings.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            # a POSIX record lock, not flock: a certify worker forked while this is held must not inherit it
+            # (flock belongs to the open file, which the fork shares); released on close or process death
+            fcntl.lockf(lock, fcntl.LOCK_EX)
             p = d / "timings.json"
             t = json.loads(p.read_text()) if p.is_file() else {}
             t[run_id] = t.get(run_id, 0.0) + seconds

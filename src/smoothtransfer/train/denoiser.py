@@ -197,18 +197,21 @@ def measure_psnr(cfg: DenoiserConfig, out: Path, device: torch.device, denoiser:
     ``out/psnr.json`` and printed. Returns what was written."""
     if denoiser is None:
         denoiser = load_denoiser(out, device=device)
-    split = "test"
-    try:
-        ds = datasets.get_dataset(cfg.dataset, "test", root=cfg.data_root, min_classes=1)
+    try:  # only a missing test split falls back to the training images (then recorded as such)
+        datasets.check_available(cfg.dataset, ("test",), root=cfg.data_root)
+        split = "test"
     except UserError:
         split = "train"
-        ds = datasets.get_dataset(cfg.dataset, "train", root=cfg.data_root, min_classes=1)
+    ds = datasets.get_dataset(cfg.dataset, split, root=cfg.data_root, min_classes=1)
     images = ds.images
     step = max(1, len(images) // cfg.psnr_images)
     idx = torch.arange(0, len(images), step)[: cfg.psnr_images]
     sigmas = tuple(cfg.sigmas) if cfg.kind == "mse" else PSNR_SIGMAS
     if isinstance(denoiser, DiffusionDenoiser):
         sigmas = tuple(s for s in sigmas if s <= denoiser.max_sigma)
+    if not sigmas:
+        print(f"no σ within the denoiser's range to measure its PSNR at; {PSNR_FILE} not written")
+        return {}
     batches = ((images[j].float().div_(255.0), torch.zeros(len(j), dtype=torch.long))  # labels unused
                for j in idx.split(cfg.batch_size))
     res = denoiser_psnr(denoiser, batches, sigmas, batch_size=cfg.batch_size,
