@@ -84,8 +84,9 @@ class PredictConfig(JobConfig):
     max: int = opt(-1, help="at most MAX images after --skip (default: -1 = all)")
     seed: int = opt(0, help="noise seed; image i uses a generator seeded by (seed, σ, i)")
     device: str = opt("auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    amp: str = opt("none", choices=tuple(sorted(AMP_DTYPES)),
-                   help="run the base classifier in bf16/fp16 autocast (noise is still added in float32)")
+    amp: str = opt("none", choices=("auto", *sorted(AMP_DTYPES)),
+                   help="run the base classifier in bf16/fp16 autocast (noise is still added in float32); auto: "
+                        "bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (the result files record which)")
     denoiser: str | None = opt(None, help="denoiser directory: certify denoiser+classifier (denoised smoothing)")
     out: str | None = opt(None, help="result directory (default: runs/<command>/<checkpoint>-<dataset>-<split>)")
     overwrite: bool = opt(False, help="replace existing results for these σ in --out instead of resuming them")

@@ -297,3 +297,14 @@ def test_new_sigma_with_another_checkpoint_is_refused(setup, tmp_path):
     with pytest.raises(UserError, match=r"σ=0.25 results for other images \(2 selected there, 3 now\)"):
         certify.run(_args(certify, [*_base(setup, out, "--max", "3", "--workers", "1"), "--sigma", "0.5"]))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("resolved", ["none", "bf16"])
+def test_amp_auto_records_what_it_resolved_to(setup, tmp_path, monkeypatch, resolved):
+    """--amp auto = bf16 on CUDA and AMX CPUs, fp32 elsewhere; the sidecar names the precision used."""
+    import smoothtransfer.smoothing.jobs as jobs
+
+    monkeypatch.setattr(jobs, "auto_amp", lambda device: resolved)
+    out = tmp_path / resolved
+    assert certify.run(_args(certify, _base(setup, out, "--amp", "auto"))) == 0
+    assert json.loads((out / "sigma_0.25.json").read_text())["amp"] == resolved

@@ -1,7 +1,8 @@
-"""``smoothtransfer demo``: mixed-noise pre-training → clean 1-epoch fine-tune → certification at three σ.
+"""``smoothtransfer demo``: clean vs mixed-noise pre-training → the same clean fine-tune → certification.
 
-It is the bundled experiment ``configs/experiments/demo.yaml`` run at a preset scale: ``quick`` fits 2 CPU
-cores in 15 minutes; ``paper`` uses the paper's sizes (ResNet-152 LN, 100 epochs, N = 100k) for GPUs.
+It is the bundled experiment ``configs/experiments/demo.yaml`` run at a preset scale: ``quick`` is sized for
+2 CPU cores and about 15 minutes (the two chains side by side, one process per core); ``paper`` uses the
+paper's sizes (ResNet-152 LN, 100 epochs, N = 100k) for GPUs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from smoothtransfer.commands._flags import parse_jobs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                   help="quick: 2 CPU cores, ≤15 min; paper: the paper's sizes (GPU)")
+                   help="quick: 2 CPU cores, about 15 min; paper: the paper's sizes (GPU)")
     p.add_argument("--out", default="runs/demo", help="report directory (checkpoints, TSVs, report.md, plot)")
     p.add_argument("--data-root", help="folder holding the dataset zips (default: $SMOOTHTRANSFER_DATA, "
                                        "else ../shared/datasets)")

@@ -39,7 +39,7 @@ from smoothtransfer.smoothing.sampling import (
 from smoothtransfer.smoothing.sequential import certify_sequential
 from smoothtransfer.smoothing.stats import max_certifiable_radius
 from smoothtransfer.smoothing.workers import cpu_workers_available
-from smoothtransfer.utils import resolve_device
+from smoothtransfer.utils import auto_amp, resolve_device
 
 CHECKPOINT_STEMS = ("checkpoint", "best", "last", "model", "final")
 
@@ -138,7 +138,8 @@ class SmoothingInputs:
 def load_inputs(cfg: PredictConfig, command: str, device_name: str | None = None) -> SmoothingInputs:
     """Load and cross-check the checkpoint, dataset and denoiser of ``cfg``; nothing is written."""
     device = resolve_device(device_name or cfg.device)
-    amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if AMP_DTYPES[cfg.amp] else None
+    amp = auto_amp(device) if cfg.amp == "auto" else cfg.amp  # what auto resolved to lands in the sidecar
+    amp_dtype = getattr(torch, AMP_DTYPES[amp]) if AMP_DTYPES[amp] else None
     denoiser_mod = None
     if cfg.denoiser:
         try:
