@@ -65,10 +65,15 @@ def run_eval(kind: str, ckpt: Path, out: Path, e: dict, device: str | None = Non
     return rc
 
 
+def _denoiser_config(run: Run, out: Path, **kw: Any) -> DenoiserConfig:
+    """The ``train-denoiser`` config of a ``denoiser`` run writing to ``out``."""
+    return DenoiserConfig(**_given(dict(run.denoiser_args or {})), out=str(out), **kw)
+
+
 def run_denoiser(run: Run, out: Path, progress: bool = True) -> None:
     """Train the denoiser of a ``denoiser`` run (:func:`~smoothtransfer.train.train_denoiser`), resumed when
     ``out`` holds an unfinished run; a finished one (also of an earlier version's layout) is reused."""
-    cfg = DenoiserConfig(**_given(dict(run.denoiser_args or {})), out=str(out), resume=True, progress=progress)
+    cfg = _denoiser_config(run, out, resume=True, progress=progress)
     if finished_epochs(out) >= cfg.epochs:
         # trained already (perhaps before denoisers measured their PSNR, or interrupted while measuring it)
         if cfg.psnr_images and not (out / PSNR_FILE).is_file():
@@ -82,8 +87,7 @@ def has_final_weights(exp: Experiment, run_id: str) -> bool:
     count: a run started from it would start from a half-trained model)."""
     run, d = exp.runs[run_id], exp.out / run_id
     if run.stage == "denoiser":
-        epochs = DenoiserConfig(**_given(dict(run.denoiser_args or {})), out=str(d)).epochs
-        return finished_epochs(d / "denoiser") >= epochs
+        return finished_epochs(d / "denoiser") >= _denoiser_config(run, d / "denoiser").epochs
     state = read_train_state(d / "train")
     return bool(state and state.get("finished"))
 
@@ -121,9 +125,9 @@ def run_experiment(exp: Experiment, progress: bool = True, jobs: int = 1) -> dic
     """Train and evaluate every run (reusing finished runs and complete stored results), keep the small
     result files in the store, then write the tables. Returns the results.
 
-    ``jobs`` > 1 runs independent runs side by side (0: one per core, at most one per independent chain), each in its own process on its own cores
-    (:mod:`~smoothtransfer.experiments.parallel`; progress bars are then off and output lines carry the run
-    id). Results are the same up to the CPU kernels' sums over fewer threads (see ``parallel``)."""
+    ``jobs`` > 1 runs independent runs side by side, each in its own process on its own cores (0: one per
+    core, at most one per independent chain; :mod:`~smoothtransfer.experiments.parallel`; progress bars are
+    then off and output lines carry the run id). Results are the same up to the CPU kernels' sums over fewer threads (see ``parallel``)."""
     exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(exp.out / "experiment.json", {
         "name": exp.name, "scale": exp.scale, "git_rev": git_revision(), "env": environment_info(),
