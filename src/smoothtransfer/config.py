@@ -174,6 +174,11 @@ class TrainConfig:
     select: str = opt("last", choices=SELECT_CHOICES,
                       help="final checkpoint: last epoch or best on validation")
     amp: str = opt("auto", choices=AMP_CHOICES)
+    #: torch.compile the model for training and validation (nn.Module.compile: the weights and checkpoints stay
+    #: those of the plain model). Why: on CPU, ResNet-20 steps under bf16 autocast ran 1.5-1.6x faster
+    #: compiled (benchmarks/train_throughput.py), after one to two minutes of compiling at the start of a run.
+    compile: bool = opt(False, help="torch.compile the model (faster steps after 1-2 min of compiling; "
+                                    "benchmarks/train_throughput.py measures it)")
     device: str = opt("auto", help="auto | cpu | cuda")
     seed: int = opt(0)
     #: also checkpoint every this many steps inside an epoch (0: only at epoch ends)

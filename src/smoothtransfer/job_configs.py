@@ -280,6 +280,11 @@ class DenoiserConfig(JobConfig):
     weight_decay: float = opt(0.0, help="AdamW weight decay (default: 0)")
     grad_clip: float = opt(1.0, help="max gradient norm (0 disables)")
     max_train: int | None = opt(None, help="train on a fixed random subset of this many images")
+    amp: str = opt("auto", choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast precision of training (auto: bf16 on CUDA and on CPUs with AMX-BF16, else none; "
+                        "the PSNR measurement runs in float32)")
+    compile: bool = opt(False, help="torch.compile the network for training (faster steps after a few minutes "
+                                    "of compiling)")
     psnr_images: int = opt(500, help="when training ends, measure the denoiser's PSNR at each σ (diffusion: 0.25, "
                                      "0.5, 1.0; mse: --sigmas) on this many test images, evenly spaced, into "
                                      "OUT/psnr.json (0: skip; default: 500)")

@@ -15,7 +15,8 @@ from smoothtransfer.errors import UserError
 PRETRAIN = {"--dataset", "--data-root", "--model", "--norm", "--objective", "--sigma", "--sigmas", "--param",
             "--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--warmup-epochs", "--ema",
             "--grad-clip", "--max-train", "--val-fraction", "--shots-per-class", "--eval-sigmas", "--select",
-            "--amp", "--device", "--threads", "--seed", "--out", "--no-progress"}
+            "--amp", "--device", "--threads", "--seed", "--out", "--no-progress",
+            "--compile"}  # added later, not renamed
 FINETUNE_ONLY = {"--init", "--mode", "--lora-rank", "--lora-alpha", "--denoiser"}
 
 

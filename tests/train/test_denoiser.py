@@ -170,3 +170,29 @@ def test_psnr_images_zero_skips(tmp_path):
     assert not (tmp_path / "r" / "psnr.json").exists()
     with pytest.raises(UserError, match="psnr-images"):
         _cfg(tmp_path / "s", "mse", psnr_images=-1).validate()
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_amp_is_recorded_and_trains(tmp_path, amp):
+    out = tmp_path / "run"
+    train_denoiser(_cfg(out, "diffusion", epochs=1, amp=amp))
+    record = json.loads((out / "run.json").read_text())["config"]
+    assert record["amp"] == amp and record["compile"] is False
+    losses = [h["train_loss"] for h in json.loads((out / "train_summary.json").read_text())["history"]]
+    assert len(losses) == 1 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow  # torch.compile of the UNet takes a minute or more on 2 cores
+def test_compiled_training_saves_plain_weights(tmp_path):
+    """``compile=True`` gives the same training as eager mode (up to kernel rounding) and the run directory's
+    checkpoint and export hold the plain UNet's weights (no ``_orig_mod.`` prefixes)."""
+    out, eager = tmp_path / "run", tmp_path / "eager"
+    train_denoiser(_cfg(eager, "diffusion", amp="none"))
+    train_denoiser(_cfg(out, "diffusion", compile=True, amp="none"))
+    ref = _weights(eager)
+    got = _weights(out)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-3), k
+    exported = DiffusionDenoiser.from_pretrained(out)
+    _assert_same(got, exported.state_dict())

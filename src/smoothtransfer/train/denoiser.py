@@ -45,7 +45,15 @@ from smoothtransfer.models.denoisers import (
     load_denoiser,
 )
 from smoothtransfer.objectives.denoiser import denoiser_objective
-from smoothtransfer.train.engine import CHECKPOINT, Job, StepOutput, open_run, read_train_state, train
+from smoothtransfer.train.engine import (
+    CHECKPOINT,
+    Job,
+    StepOutput,
+    amp_dtype,
+    open_run,
+    read_train_state,
+    train,
+)
 from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
 
 __all__ = ["DEFAULT_LR", "DenoiserConfig", "finished_epochs", "train_denoiser"]
@@ -55,9 +63,10 @@ DEFAULT_LR = {"diffusion": 2e-4, "mse": 1e-3}  # Ho et al. 2020; Salman et al. 2
 RESUME_KEYS = ("kind", "size", "dataset", "image_size", "channels", "sigmas", "batch_size", "max_train", "seed")
 
 
-def _record(cfg: DenoiserConfig, image_size: int, channels: int, lr: float) -> dict:
-    """The settings recorded in ``run.json`` and in the checkpoint's ``config["denoiser"]``."""
-    return {"kind": cfg.kind, "size": cfg.size, "dataset": cfg.dataset, "image_size": image_size,
+def _record(cfg: DenoiserConfig, image_size: int, channels: int, lr: float, amp: str = "none") -> dict:
+    """The settings recorded in ``run.json`` and in the checkpoint's ``config["denoiser"]`` (``amp``: the
+    precision used; it and ``compile`` may change when a run is resumed)."""
+    return {"amp": amp, "compile": cfg.compile, "kind": cfg.kind, "size": cfg.size, "dataset": cfg.dataset, "image_size": image_size,
             "channels": channels, "sigmas": list(cfg.sigmas) if cfg.kind == "mse" else None,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "weight_decay": cfg.weight_decay,
             "grad_clip": cfg.grad_clip, "max_train": cfg.max_train, "seed": cfg.seed}
@@ -137,7 +146,8 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
     n = len(images)
 
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.kind]
-    config = _record(cfg, h, channels, lr)
+    amp = amp_dtype(cfg.amp, device)
+    config = _record(cfg, h, channels, lr, {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp])
     existing = open_run(out, epochs=cfg.epochs, resume=cfg.resume, check_settings=_check_settings(out, config),
                         hint="or choose another --out")
     if existing is not None and existing["train_state"].get("finished"):
@@ -154,6 +164,9 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
     module = _trainable(denoiser)
     module.requires_grad_(True)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        # in place: state_dict keys, checkpoints and the exported weights are the plain network's
+        module.compile()
     objective = denoiser_objective(cfg.kind, cfg.sigmas)
     atomic_write_json(out / "run.json", {"config": config, "lr": lr, "git_rev": git_revision(),
                                          "environment": environment_info()})
@@ -178,8 +191,8 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
         epochs=cfg.epochs, order_seed=lambda e: cfg.seed * 100_003 + e,
         save_info={"classes": None, "dataset": cfg.dataset, "config": {"denoiser": config},
                    "model_spec": denoiser_spec(denoiser)},
-        device=device, grad_clip=max(cfg.grad_clip, 0.0), progress=cfg.progress, begin_epoch=begin_epoch,
-        finalize=export,
+        device=device, amp_dtype=amp, grad_clip=max(cfg.grad_clip, 0.0), progress=cfg.progress,
+        begin_epoch=begin_epoch, finalize=export,
     )
     train(job, existing, _stop_after_steps=_stop_after_steps)
     if cfg.psnr_images:

@@ -310,6 +310,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema))
+    if cfg.compile:
+        # in place, after the EMA copy was made: parameters, state_dict keys and checkpoints are the plain
+        # model's; train and eval mode compile once each
+        model.compile()
     amp = amp_dtype(cfg.amp, device)
     uses_labels = getattr(objective, "uses_labels", True)
     augment = TRAIN_AUGMENTS.get(cfg.data.augment) if cfg.data.augment != "none" and uses_labels else None
@@ -348,6 +352,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             "git_rev": git_revision(), "env": environment_info(), "seed": cfg.seed,
             "world_size": dist.world_size, "n_train": n_train, "n_val": len(prep.val_targets),
             "amp": {"asked": cfg.amp, "used": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]},
+            "compile": cfg.compile,
             "classes": prep.classes, "dataset": prep.dataset,
         })
         writer = _writer(cfg, out)
