@@ -257,6 +257,27 @@ def test_ftcadis_cpu_scale(data_root, tmp_path):
     assert any(t.get("best_over_sigma") for t in exp.tables)
 
 
+def test_compile_is_on_at_the_cpu_scales_and_set_turns_it_off(data_root, tmp_path):
+    """The cpu scales train, denoise and certify under torch.compile; `--set compile=false --set
+    denoiser.compile=false --set certify.compile=false` (the no-C++-compiler recipe in the YAML) turns every one
+    off, and a denoiser override reaches denoiser runs only."""
+    on = _load("ftcadis", "cpu", data_root, tmp_path)
+    assert on.runs["dn"].denoiser_args["compile"] is True
+    assert all(r.train.compile and r.evaluate["certify"]["compile"] for r in on.runs.values() if r.train)
+    off = load_experiment("ftcadis", "cpu", out=tmp_path / "off", data_root=data_root,
+                          overrides=["compile=false", "denoiser.compile=false", "denoiser.epochs=1",
+                                     "certify.compile=false"])
+    assert off.runs["dn"].denoiser_args["compile"] is False and off.runs["dn"].denoiser_args["epochs"] == 1
+    assert not any(r.train.compile or r.evaluate["certify"]["compile"] for r in off.runs.values() if r.train)
+    assert all(r.train.epochs == on.runs[k].train.epochs for k, r in off.runs.items() if r.train)
+    with pytest.raises(UserError, match="dn"):
+        load_experiment("ftcadis", "cpu", out=tmp_path / "bad", data_root=data_root,
+                        overrides=["denoiser.epochz=1"])
+    for name in ("robust-transfer-study", "demo"):
+        scale = "quick" if name == "demo" else "cpu"
+        assert all(r.train.compile for r in _load(name, scale, data_root, tmp_path).runs.values() if r.train)
+
+
 def _tiny_spec(table: dict) -> dict:
     return {
         "name": "tiny", "title": "tiny",

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the dataset zips")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run: a TrainConfig key (epochs=2) or certify.n=1000")
+                   help="override for every run: a TrainConfig key (epochs=2, compile=false), an evaluation's "
+                        "(certify.n=1000, certify.compile=false) or a denoiser run's (denoiser.epochs=4)")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs (and what they start from)")
     p.add_argument("--results", help="also update this RESULTS.md section (from the run directories, else from "
                    "the results store)")

@@ -199,6 +199,8 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             label = rspec.pop("label", rid)
             _check_keys(rspec, block_keys("denoiser"), f"{path.name} run '{rid}' {at}")
             args = merge(sections.get("denoiser", {}), rspec)
+            args = apply_overrides(args, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith("denoiser.")])
+            _check_keys(args, block_keys("denoiser"), f"{path.name} run '{rid}' {at}")
             if data_root:
                 args["data_root"] = data_root
             if device:
@@ -230,7 +232,10 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             train_dict.setdefault("data", {})["data_root"] = data_root
         if device:
             train_dict["device"] = device
-        train_dict = apply_overrides(train_dict, [o for o in (overrides or []) if not o.startswith(EVAL_KINDS)])
+        # certify.X / attack.X / noise_profile.X go to the evaluations, denoiser.X to denoiser runs (a
+        # classifier's own `denoiser=PATH` has no dot)
+        train_dict = apply_overrides(train_dict, [o for o in (overrides or [])
+                                                  if not o.startswith((*EVAL_KINDS, "denoiser."))])
         try:
             train_cfg = from_dict(TrainConfig, train_dict)
             if stage == "finetune":
