@@ -285,6 +285,9 @@ class DenoiserConfig(JobConfig):
                         "the PSNR measurement runs in float32)")
     compile: bool = opt(False, help="torch.compile the network for training (faster steps after a few minutes "
                                     "of compiling)")
+    checkpoint_every: int = opt(200, help="also save OUT/checkpoint.pt every this many steps within an epoch, so "
+                                          "an interrupted run loses at most that many (0: at epoch ends only; "
+                                          "default: 200)")
     psnr_images: int = opt(500, help="when training ends, measure the denoiser's PSNR at each σ (diffusion: 0.25, "
                                      "0.5, 1.0; mse: --sigmas) on this many test images, evenly spaced, into "
                                      "OUT/psnr.json (0: skip; default: 500)")
@@ -305,6 +308,7 @@ class DenoiserConfig(JobConfig):
         check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}")
         check(self.max_train is None or self.max_train >= 1, f"--max-train must be >= 1, got {self.max_train}")
         check(self.psnr_images >= 0, f"--psnr-images must be >= 0, got {self.psnr_images}")
+        check(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         check(self.kind != "mse" or (len(self.sigmas) > 0 and all(0 <= s < math.inf for s in self.sigmas)),
               f"--sigmas must be finite values >= 0, got {list(self.sigmas)}")
         return self

@@ -196,3 +196,14 @@ def test_compiled_training_saves_plain_weights(tmp_path):
         assert torch.allclose(got[k], ref[k], atol=1e-3), k
     exported = DiffusionDenoiser.from_pretrained(out)
     _assert_same(got, exported.state_dict())
+
+
+@pytest.mark.parametrize("every, saves", [(0, 1), (1, 3)])  # 3 steps, 1 epoch: the final save, or also after steps 1, 2
+def test_checkpoint_every_saves_within_an_epoch(tmp_path, monkeypatch, every, saves):
+    import smoothtransfer.train.engine as engine
+
+    calls = []
+    real = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    train_denoiser(_cfg(tmp_path / "run", "mse", epochs=1, checkpoint_every=every))
+    assert len(calls) == saves

@@ -191,7 +191,8 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
         epochs=cfg.epochs, order_seed=lambda e: cfg.seed * 100_003 + e,
         save_info={"classes": None, "dataset": cfg.dataset, "config": {"denoiser": config},
                    "model_spec": denoiser_spec(denoiser)},
-        device=device, amp_dtype=amp, grad_clip=max(cfg.grad_clip, 0.0), progress=cfg.progress,
+        device=device, amp_dtype=amp, grad_clip=max(cfg.grad_clip, 0.0), checkpoint_every=cfg.checkpoint_every,
+        progress=cfg.progress,
         begin_epoch=begin_epoch, finalize=export,
     )
     train(job, existing, _stop_after_steps=_stop_after_steps)
