@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from smoothtransfer.config import JobConfig, check_finite, opt
+from smoothtransfer.config import AMP_CHOICES, JobConfig, check_finite, opt
 from smoothtransfer.errors import UserError, check
 
 CHECKPOINT_HELP = ("classifier checkpoint (.pt) saved by pretrain/finetune, or a model trained elsewhere: cohen:FILE, "
@@ -280,7 +280,7 @@ class DenoiserConfig(JobConfig):
     weight_decay: float = opt(0.0, help="AdamW weight decay (default: 0)")
     grad_clip: float = opt(1.0, help="max gradient norm (0 disables)")
     max_train: int | None = opt(None, help="train on a fixed random subset of this many images")
-    amp: str = opt("auto", choices=("auto", "none", "bf16", "fp16"),
+    amp: str = opt("auto", choices=AMP_CHOICES,
                    help="autocast precision of training (auto: bf16 on CUDA and on CPUs with AMX-BF16, else none; "
                         "the PSNR measurement runs in float32)")
     compile: bool = opt(False, help="torch.compile the network for training (faster steps after a few minutes "

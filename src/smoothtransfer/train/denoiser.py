@@ -50,6 +50,7 @@ from smoothtransfer.train.engine import (
     Job,
     StepOutput,
     amp_dtype,
+    amp_name,
     open_run,
     read_train_state,
     train,
@@ -63,11 +64,11 @@ DEFAULT_LR = {"diffusion": 2e-4, "mse": 1e-3}  # Ho et al. 2020; Salman et al. 2
 RESUME_KEYS = ("kind", "size", "dataset", "image_size", "channels", "sigmas", "batch_size", "max_train", "seed")
 
 
-def _record(cfg: DenoiserConfig, image_size: int, channels: int, lr: float, amp: str = "none") -> dict:
+def _record(cfg: DenoiserConfig, image_size: int, channels: int, lr: float, amp: str) -> dict:
     """The settings recorded in ``run.json`` and in the checkpoint's ``config["denoiser"]`` (``amp``: the
     precision used; it and ``compile`` may change when a run is resumed)."""
-    return {"amp": amp, "compile": cfg.compile, "kind": cfg.kind, "size": cfg.size, "dataset": cfg.dataset, "image_size": image_size,
-            "channels": channels, "sigmas": list(cfg.sigmas) if cfg.kind == "mse" else None,
+    return {"amp": amp, "compile": cfg.compile, "kind": cfg.kind, "size": cfg.size, "dataset": cfg.dataset,
+            "image_size": image_size, "channels": channels, "sigmas": list(cfg.sigmas) if cfg.kind == "mse" else None,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "weight_decay": cfg.weight_decay,
             "grad_clip": cfg.grad_clip, "max_train": cfg.max_train, "seed": cfg.seed}
 
@@ -147,7 +148,7 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
 
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.kind]
     amp = amp_dtype(cfg.amp, device)
-    config = _record(cfg, h, channels, lr, {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp])
+    config = _record(cfg, h, channels, lr, amp_name(amp))
     existing = open_run(out, epochs=cfg.epochs, resume=cfg.resume, check_settings=_check_settings(out, config),
                         hint="or choose another --out")
     if existing is not None and existing["train_state"].get("finished"):
@@ -192,8 +193,7 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
         save_info={"classes": None, "dataset": cfg.dataset, "config": {"denoiser": config},
                    "model_spec": denoiser_spec(denoiser)},
         device=device, amp_dtype=amp, grad_clip=max(cfg.grad_clip, 0.0), checkpoint_every=cfg.checkpoint_every,
-        progress=cfg.progress,
-        begin_epoch=begin_epoch, finalize=export,
+        progress=cfg.progress, begin_epoch=begin_epoch, finalize=export,
     )
     train(job, existing, _stop_after_steps=_stop_after_steps)
     if cfg.psnr_images:

@@ -62,6 +62,12 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The name of an autocast dtype from :func:`amp_dtype` (``none`` | ``bf16`` | ``fp16``), as run records
+    store it."""
+    return {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` for ``dtype``, or a no-op context for full precision."""
     if dtype is None:

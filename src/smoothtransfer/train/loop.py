@@ -34,7 +34,7 @@ from smoothtransfer.models.factory import create_classifier
 from smoothtransfer.models.lora import apply_lora
 from smoothtransfer.objectives import build_objective
 from smoothtransfer.train import distributed as D
-from smoothtransfer.train.engine import BEST, CHECKPOINT, Job, amp_dtype, autocast, open_run, train
+from smoothtransfer.train.engine import BEST, CHECKPOINT, Job, amp_dtype, amp_name, autocast, open_run, train
 from smoothtransfer.train.optim import build_optimizer, build_scheduler, param_groups
 from smoothtransfer.utils import (
     atomic_write_json,
@@ -351,7 +351,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         atomic_write_json(out / "run_info.json", {
             "git_rev": git_revision(), "env": environment_info(), "seed": cfg.seed,
             "world_size": dist.world_size, "n_train": n_train, "n_val": len(prep.val_targets),
-            "amp": {"asked": cfg.amp, "used": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]},
+            "amp": {"asked": cfg.amp, "used": amp_name(amp)},
             "compile": cfg.compile,
             "classes": prep.classes, "dataset": prep.dataset,
         })
