@@ -51,7 +51,9 @@ def test_grid_loads(name, scale, data_root, tmp_path):
         for dep in run.needs:
             assert dep in exp.runs, f"{rid} needs unknown run {dep}"
             assert order.index(dep) < i, f"{rid} runs before {dep}"
-        if run.init:
+        if run.init and run.stage == "evaluate":  # evaluates the init run's model: trains nothing itself
+            assert run.init in run.needs and run.train is exp.runs[run.init].train
+        elif run.init:
             assert run.init in run.needs
             assert run.train.init.endswith(f"{run.init}/train/checkpoint.pt")
 

@@ -17,7 +17,7 @@ from smoothtransfer.experiments.tables import collect, write_report
 from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConfig, NoiseProfileConfig
 from smoothtransfer.smoothing.jobs import certify_run
 from smoothtransfer.train.denoiser import finished_epochs, measure_psnr, train_denoiser
-from smoothtransfer.train.engine import read_train_state
+from smoothtransfer.train.engine import CHECKPOINT, read_train_state
 from smoothtransfer.train.loop import run_training
 from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
 
@@ -86,6 +86,8 @@ def has_final_weights(exp: Experiment, run_id: str) -> bool:
     """The run directory of ``run_id`` holds its finished model (an interrupted run's resume checkpoint does not
     count: a run started from it would start from a half-trained model)."""
     run, d = exp.runs[run_id], exp.out / run_id
+    if run.stage == "evaluate":  # no model of its own (and no run starts from it)
+        return False
     if run.stage == "denoiser":
         return finished_epochs(d / "denoiser") >= _denoiser_config(run, d / "denoiser").epochs
     state = read_train_state(d / "train")
@@ -113,6 +115,13 @@ def run_one(exp: Experiment, run_id: str, progress: bool = True) -> None:
     with store.timed(exp, run.id):  # wall time, counted across interruptions and sessions
         if run.stage == "denoiser":
             run_denoiser(run, exp.out / run.id / "denoiser", progress)
+        elif run.stage == "evaluate":  # the init run's final model, evaluated with this run's settings
+            if not has_final_weights(exp, run.init):
+                raise UserError(f"run '{run.id}' evaluates the model of '{run.init}', which has no finished model "
+                                f"in {exp.out / run.init / 'train'}")
+            ckpt = exp.out / run.init / "train" / CHECKPOINT
+            for kind, e in run.evaluate.items():
+                run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)
         else:
             cfg = run.train if progress else replace(run.train, progress=False)
             ckpt = run_training(cfg, resume=True)

@@ -9,7 +9,9 @@ An experiment file holds
   <certify/attack/noise_profile blocks: this run's evaluation settings, used where the run makes that
   evaluation>}``; an entry with a ``matrix:`` is a
   template standing for one run per combination of its axes' values (ids and labels from format strings,
-  ``per_run`` settings for single runs; :mod:`smoothtransfer.experiments.matrix`);
+  ``per_run`` settings for single runs; :mod:`smoothtransfer.experiments.matrix`); ``stage: evaluate``
+  trains nothing: it evaluates the final model of its ``init`` run with evaluation settings of its own (e.g. the
+  same classifier certified with and without a denoiser — one model, as the papers compare, not two trainings);
 - ``tables``: markdown tables laid out like the paper's, each row a (run, σ) and each column a metric, with
   the paper's numbers (``paper``) and its claims (``claims``) as data; see ``experiments.tables``.
 
@@ -85,8 +87,9 @@ def find_experiment(name: str) -> Path:
 
 @dataclass
 class Run:
-    """One node of the grid: a ``pretrain``/``finetune`` training run (``train``) or a ``denoiser`` run
-    (``denoiser_args``: the flags of ``smoothtransfer train-denoiser``), plus its evaluations."""
+    """One node of the grid: a ``pretrain``/``finetune`` training run (``train``), a ``denoiser`` run
+    (``denoiser_args``: the flags of ``smoothtransfer train-denoiser``), or an ``evaluate`` run (``train``: the
+    config of the ``init`` run whose final model it evaluates; it trains nothing), plus its evaluations."""
 
     id: str
     stage: str
@@ -189,11 +192,12 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     if not runs_spec:
         raise UserError(f"experiment {exp_name} defines no runs")
     runs: dict[str, Run] = {}
-    for rid, rspec in runs_spec.items():
+    # evaluate runs last: each takes the training config of the run it evaluates
+    for rid, rspec in sorted(runs_spec.items(), key=lambda kv: (kv[1] or {}).get("stage") == "evaluate"):
         rspec = dict(rspec or {})
         stage = rspec.pop("stage", None)
-        if stage not in ("pretrain", "finetune", "denoiser"):
-            raise UserError(f"run '{rid}' in {path.name}: stage must be pretrain, finetune or denoiser, "
+        if stage not in ("pretrain", "finetune", "denoiser", "evaluate"):
+            raise UserError(f"run '{rid}' in {path.name}: stage must be pretrain, finetune, denoiser or evaluate, "
                             f"got {stage!r}")
         if stage == "denoiser":
             label = rspec.pop("label", rid)
@@ -208,7 +212,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             runs[rid] = Run(id=rid, stage=stage, init=None, train=None, label=label, denoiser_args=args)
             continue
         init = rspec.pop("init", None)
-        evaluate = rspec.pop("evaluate", ["certify"] if stage == "finetune" else [])
+        evaluate = rspec.pop("evaluate", ["certify"] if stage in ("finetune", "evaluate") else [])
         label = rspec.pop("label", rid)
         per_run_eval = {k: rspec.pop(k) or {} for k in EVAL_KINDS if k in rspec}
         for kind, block in per_run_eval.items():
@@ -218,6 +222,19 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         if stage == "finetune" and init not in runs_spec:
             raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
         needs = [init] if init else []
+        if stage == "evaluate":
+            if init not in runs or runs[init].stage not in ("pretrain", "finetune"):
+                raise UserError(f"run '{rid}' in {path.name}: an evaluate run's init must name a pretrain or "
+                                f"finetune run (the model it evaluates), got {init!r}")
+            if rspec:
+                raise UserError(f"run '{rid}' in {path.name}: an evaluate run trains nothing; training keys "
+                                f"{', '.join(sorted(rspec))} belong to its init run '{init}'")
+            train_cfg = runs[init].train
+            evals = _evaluations(rid, evaluate, sections, per_run_eval, overrides, train_cfg, runs_spec, out,
+                                 data_root, needs, path.name, at)
+            runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label,
+                            needs=needs)
+            continue
         train_dict = merge(sections.get(stage, {}), rspec)
         if train_dict.get("denoiser"):  # a denoiser run of this grid (FT-CADIS fine-tuning through it)
             dn = train_dict["denoiser"]
@@ -244,27 +261,10 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
                 replace(train_cfg, init=None).validate()
         except UserError as e:
             raise UserError(f"run '{rid}' in {path.name} {at}: {e}") from None
-        evals: dict[str, dict] = {}
-        for kind in evaluate:
-            if kind not in EVAL_KINDS:
-                raise UserError(f"run '{rid}' in {path.name}: unknown evaluation '{kind}'; choose from "
-                                f"{', '.join(EVAL_KINDS)}")
-            e = merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
-            e = apply_overrides(e, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith(kind + ".")])
-            _check_keys(e, block_keys(kind), f"{path.name} run '{rid}' {kind} {at}")
-            e.setdefault("dataset", train_cfg.data.dataset)
-            if kind == "certify" and e.get("denoiser"):
-                if e["denoiser"] not in runs_spec:
-                    raise UserError(f"run '{rid}' in {path.name}: certify.denoiser must name a denoiser run, "
-                                    f"got {e['denoiser']!r}")
-                needs.append(e["denoiser"])
-                e["denoiser"] = str(out / e["denoiser"] / "denoiser")
-            if data_root:
-                e["data_root"] = data_root
-            evals[kind] = e
-        if "certify" in evals and "noise_profile" not in evals:
-            evals["noise_profile"] = base_accuracy_eval(evals["certify"])
+        evals = _evaluations(rid, evaluate, sections, per_run_eval, overrides, train_cfg, runs_spec, out, data_root,
+                             needs, path.name, at)
         runs[rid] = Run(id=rid, stage=stage, init=init, train=train_cfg, evaluate=evals, label=label, needs=needs)
+    runs = {rid: runs[rid] for rid in runs_spec}  # the file's order again
     tables = spec.get("tables") or []
     for t in tables:
         _check_keys(t, TABLE_KEYS, f"{path.name} table '{t.get('id')}'")
@@ -287,6 +287,34 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     exp = Experiment(name=exp_name, scale=scale, out=out, spec=spec, runs=runs, tables=tables, results_dir=store)
     _check_data(exp)
     return exp
+
+
+def _evaluations(rid: str, evaluate: list[str], sections: dict, per_run_eval: dict, overrides: list[str] | None,
+                 train_cfg: TrainConfig, runs_spec: dict, out: Path, data_root: str | None, needs: list[str],
+                 file: str, at: str) -> dict[str, dict]:
+    """The evaluation settings of run ``rid``: the grid's sections, the run's own blocks, then ``--set kind.X``;
+    a certify denoiser named by run id becomes its directory (and a dependency, appended to ``needs``)."""
+    evals: dict[str, dict] = {}
+    for kind in evaluate:
+        if kind not in EVAL_KINDS:
+            raise UserError(f"run '{rid}' in {file}: unknown evaluation '{kind}'; choose from "
+                            f"{', '.join(EVAL_KINDS)}")
+        e = merge(sections.get(kind, {}), per_run_eval.get(kind, {}))
+        e = apply_overrides(e, [o.split(".", 1)[1] for o in (overrides or []) if o.startswith(kind + ".")])
+        _check_keys(e, block_keys(kind), f"{file} run '{rid}' {kind} {at}")
+        e.setdefault("dataset", train_cfg.data.dataset)
+        if kind == "certify" and e.get("denoiser"):
+            if e["denoiser"] not in runs_spec:
+                raise UserError(f"run '{rid}' in {file}: certify.denoiser must name a denoiser run, "
+                                f"got {e['denoiser']!r}")
+            needs.append(e["denoiser"])
+            e["denoiser"] = str(out / e["denoiser"] / "denoiser")
+        if data_root:
+            e["data_root"] = data_root
+        evals[kind] = e
+    if "certify" in evals and "noise_profile" not in evals:
+        evals["noise_profile"] = base_accuracy_eval(evals["certify"])
+    return evals
 
 
 def base_accuracy_eval(cert: dict) -> dict:

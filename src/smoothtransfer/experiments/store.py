@@ -78,7 +78,7 @@ def is_complete(exp: Experiment, run: Run) -> bool:
     if run.stage == "denoiser":
         psnr_wanted = (run.denoiser_args or {}).get("psnr_images", 1) != 0
         return any((d / "denoiser").glob("*.json")) and (not psnr_wanted or (d / "denoiser" / PSNR_FILE).is_file())
-    if not (d / "train" / "train_summary.json").is_file():
+    if run.stage != "evaluate" and not (d / "train" / "train_summary.json").is_file():
         return False
     if not all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate):
         return False
