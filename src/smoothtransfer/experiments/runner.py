@@ -18,7 +18,7 @@ from smoothtransfer.job_configs import AttackConfig, CertifyConfig, DenoiserConf
 from smoothtransfer.smoothing.jobs import certify_run
 from smoothtransfer.train.denoiser import finished_epochs, measure_psnr, train_denoiser
 from smoothtransfer.train.engine import CHECKPOINT, read_train_state
-from smoothtransfer.train.loop import run_training
+from smoothtransfer.train.loop import check_out_dir, run_training
 from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
 
 RESULT_FILES = {"attack": "attack.json", "noise_profile": "noise_profile.json"}
@@ -96,7 +96,8 @@ def has_final_weights(exp: Experiment, run_id: str) -> bool:
 
 def plan(exp: Experiment) -> list[Run]:
     """The runs that must execute: those the store does not hold complete, plus any run they start from whose
-    finished model is not in its run directory (a stored run keeps its results, not its weights)."""
+    finished model is not in its run directory (a stored run keeps its results, not its weights), plus the
+    evaluate runs of every training run that runs (their stored results are of the model it replaces)."""
     todo = {r.id for r in exp.runs.values() if not store.is_complete(exp, r)}
     grew = True
     while grew:
@@ -105,6 +106,11 @@ def plan(exp: Experiment) -> list[Run]:
             for dep in exp.runs[rid].needs:
                 if dep not in todo and not has_final_weights(exp, dep):
                     todo.add(dep)
+                    grew = True
+            # a model trained again is not the model its stored evaluate runs evaluated: evaluate it again
+            for r in exp.runs.values():
+                if r.stage == "evaluate" and r.init == rid and r.id not in todo:
+                    todo.add(r.id)
                     grew = True
     return [r for r in exp.order() if r.id in todo]
 
@@ -119,6 +125,7 @@ def run_one(exp: Experiment, run_id: str, progress: bool = True) -> None:
             if not has_final_weights(exp, run.init):
                 raise UserError(f"run '{run.id}' evaluates the model of '{run.init}', which has no finished model "
                                 f"in {exp.out / run.init / 'train'}")
+            check_out_dir(exp.runs[run.init].train, resume=True)  # its weights are of its current settings
             ckpt = exp.out / run.init / "train" / CHECKPOINT
             for kind, e in run.evaluate.items():
                 run_eval(kind, ckpt, exp.out / run.id / kind, e, device=run.train.device, progress=progress)

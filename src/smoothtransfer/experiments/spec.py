@@ -193,7 +193,10 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
         raise UserError(f"experiment {exp_name} defines no runs")
     runs: dict[str, Run] = {}
     # evaluate runs last: each takes the training config of the run it evaluates
-    for rid, rspec in sorted(runs_spec.items(), key=lambda kv: (kv[1] or {}).get("stage") == "evaluate"):
+    for rid, rspec in sorted(runs_spec.items(),
+                             key=lambda kv: isinstance(kv[1], dict) and kv[1].get("stage") == "evaluate"):
+        if rspec is not None and not isinstance(rspec, dict):
+            raise UserError(f"run '{rid}' in {path.name} must be a mapping of keys, got {rspec!r}")
         rspec = dict(rspec or {})
         stage = rspec.pop("stage", None)
         if stage not in ("pretrain", "finetune", "denoiser", "evaluate"):
@@ -219,16 +222,20 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
             _check_keys(block, block_keys(kind), f"{path.name} run '{rid}' {kind} {at}")
         if "out" in rspec:
             raise UserError(f"run '{rid}' in {path.name}: 'out' is set by the grid (the run directory)")
-        if stage == "finetune" and init not in runs_spec:
-            raise UserError(f"run '{rid}' in {path.name}: init must name another run, got {init!r}")
+        if stage == "finetune" and _stage_of(runs_spec, init) not in ("pretrain", "finetune"):
+            raise UserError(f"run '{rid}' in {path.name}: init must name a pretrain or finetune run, got {init!r}")
         needs = [init] if init else []
         if stage == "evaluate":
             if init not in runs or runs[init].stage not in ("pretrain", "finetune"):
                 raise UserError(f"run '{rid}' in {path.name}: an evaluate run's init must name a pretrain or "
                                 f"finetune run (the model it evaluates), got {init!r}")
-            if rspec:
+            training = sorted(k for k in rspec if k in {f.name for f in fields(TrainConfig)})
+            if training:
                 raise UserError(f"run '{rid}' in {path.name}: an evaluate run trains nothing; training keys "
-                                f"{', '.join(sorted(rspec))} belong to its init run '{init}'")
+                                f"{', '.join(training)} belong to its init run '{init}'")
+            _check_keys(rspec, set(EVAL_KINDS), f"{path.name} run '{rid}'")
+            if not evaluate:
+                raise UserError(f"run '{rid}' in {path.name}: an evaluate run needs evaluate: [certify, ...]")
             train_cfg = runs[init].train
             evals = _evaluations(rid, evaluate, sections, per_run_eval, overrides, train_cfg, runs_spec, out,
                                  data_root, needs, path.name, at)
@@ -289,6 +296,12 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     return exp
 
 
+def _stage_of(runs_spec: dict, rid: object) -> str | None:
+    """The stage of run ``rid`` as the grid file gives it (None: no such run)."""
+    r = runs_spec.get(rid) if isinstance(rid, str) else None
+    return r.get("stage") if isinstance(r, dict) else None
+
+
 def _evaluations(rid: str, evaluate: list[str], sections: dict, per_run_eval: dict, overrides: list[str] | None,
                  train_cfg: TrainConfig, runs_spec: dict, out: Path, data_root: str | None, needs: list[str],
                  file: str, at: str) -> dict[str, dict]:
@@ -304,7 +317,7 @@ def _evaluations(rid: str, evaluate: list[str], sections: dict, per_run_eval: di
         _check_keys(e, block_keys(kind), f"{file} run '{rid}' {kind} {at}")
         e.setdefault("dataset", train_cfg.data.dataset)
         if kind == "certify" and e.get("denoiser"):
-            if e["denoiser"] not in runs_spec:
+            if _stage_of(runs_spec, e["denoiser"]) != "denoiser":
                 raise UserError(f"run '{rid}' in {file}: certify.denoiser must name a denoiser run, "
                                 f"got {e['denoiser']!r}")
             needs.append(e["denoiser"])

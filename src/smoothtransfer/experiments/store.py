@@ -57,8 +57,14 @@ def run_settings(exp: Experiment, run: Run) -> dict:
         "stage": run.stage, "init_run": run.init,
         "train": _strip_paths(to_dict(run.train)) if run.train is not None else None,
         "denoiser_args": _strip_paths(run.denoiser_args), "evaluate": _strip_paths(run.evaluate),
-        "needs": {dep: run_settings(exp, exp.runs[dep]) for dep in run.needs if dep in exp.runs},
+        "needs": {dep: _model_settings(run_settings(exp, exp.runs[dep])) if dep == run.init and run.stage == "evaluate"
+                  else run_settings(exp, exp.runs[dep]) for dep in run.needs if dep in exp.runs},
     }))
+
+
+def _model_settings(settings: dict) -> dict:
+    """What defines a run's model, without its evaluations: an evaluate run of it depends on that alone."""
+    return {k: v for k, v in settings.items() if k != "evaluate"}
 
 
 def stored_dir(exp: Experiment, run_id: str) -> Path | None:
@@ -95,6 +101,8 @@ def export_run(exp: Experiment, run: Run) -> None:
         return
     src = exp.out / run.id
     for sub, patterns in KEEP.items():
+        if sub == "train" and run.stage == "evaluate":  # trains nothing (a leftover train/ is not its own)
+            continue
         for pattern in patterns:
             for f in sorted((src / sub).glob(pattern)):
                 if not f.is_file() or f.stat().st_size > MAX_FILE_BYTES:
@@ -106,8 +114,9 @@ def export_run(exp: Experiment, run: Run) -> None:
 def source_dir(exp: Experiment, run_id: str) -> Path:
     """Where the results of ``run_id`` are read from: its run directory when it holds any, else the store."""
     live = exp.out / run_id
+    trains = run_id not in exp.runs or exp.runs[run_id].stage != "evaluate"
     if any((live / kind / f).is_file() for kind, f in RESULT_FILE.items()) or \
-            (live / "train" / "train_summary.json").is_file():
+            (trains and (live / "train" / "train_summary.json").is_file()):
         return live
     stored = stored_dir(exp, run_id)
     return stored if stored is not None and stored.is_dir() else live
