@@ -85,6 +85,32 @@ def test_a_new_config_field_is_accepted_without_touching_the_spec(data_root, tmp
     assert _load(path, tmp_path).runs["a"].evaluate["certify"]["new_knob"] == 5
 
 
+def test_scale_per_run_changes_one_run_at_that_scale_only(data_root, tmp_path):
+    runs = {"up": {"stage": "pretrain", "objective": {"name": "consistency", "params": {"sigma": 0.5, "eta": 0.5}}},
+            "ft": {"stage": "finetune", "init": "up", "objective": {"name": "consistency", "params": {"eta": 0.5}}}}
+    per_run = {"up": {"objective": {"params": {"eta": 0.0}}, "label": "η=0", "certify": {"n": 50},
+                      "evaluate": ["certify"]}}
+    path = _grid(tmp_path, runs, scales={"cpu-small": {}, "cpu": {"per_run": per_run}})
+    small, cpu = _load(path, tmp_path), _load(path, tmp_path, "cpu")
+    assert small.runs["up"].train.objective.params == {"sigma": 0.5, "eta": 0.5} and not small.runs["up"].evaluate
+    up = cpu.runs["up"]
+    assert up.train.objective.params == {"sigma": 0.5, "eta": 0.0} and up.label == "η=0"  # merged, not replaced
+    assert up.evaluate["certify"]["n"] == 50 and up.evaluate["certify"]["n0"] == 10
+    assert cpu.runs["ft"].train.objective.params == {"eta": 0.5}  # other runs untouched
+
+
+@pytest.mark.parametrize("per_run, needle", [
+    ({"upp": {"epochs": 1}}, r"scales.cpu.per_run in tiny.yaml names unknown run 'upp' \(did you mean 'up'\?\)"),
+    ({"up": {"stage": "finetune"}}, "a scale cannot change a run's stage"),
+    ({"up": 3}, "must map run ids to run keys"),
+    ({"up": {"epoch": 2}}, "unknown config key 'epoch'"),
+])
+def test_scale_per_run_errors_are_one_line(per_run, needle, data_root, tmp_path):
+    path = _grid(tmp_path, {"up": {"stage": "pretrain"}}, scales={"cpu": {"per_run": per_run}})
+    with pytest.raises(UserError, match=needle):
+        _load(path, tmp_path, "cpu")
+
+
 # ---------------------------------------------------------------------------------- the matrix construct
 
 TABLE1 = {

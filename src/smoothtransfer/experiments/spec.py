@@ -4,7 +4,8 @@ An experiment file holds
 - ``defaults``: TrainConfig keys per stage (``pretrain``, ``finetune``), evaluation settings (``certify``,
   ``attack``, ``noise_profile``) and the settings of ``denoiser`` runs;
 - ``scales``: per scale (``cpu-small``, ``cpu``, ``gpu``, ``paper``) overrides of the same sections, and
-  optionally ``runs: [id, ...]``, the part of the grid that scale runs (with what those runs start from);
+  optionally ``runs: [id, ...]``, the part of the grid that scale runs (with what those runs start from), and
+  ``per_run: {id: {<run keys>}}``, changes to single runs at that scale (merged over the run's own keys);
 - ``runs``: ``id -> {stage, init: <run id>, label, <TrainConfig keys>, evaluate: [certify, attack, ...],
   <certify/attack/noise_profile blocks: this run's evaluation settings, used where the run makes that
   evaluation>}``; an entry with a ``matrix:`` is a
@@ -178,6 +179,11 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     scale_spec = dict(scales[scale] or {})
     # a scale may run a subset of the grid (e.g. the headline rows at `cpu`): ``runs: [id, ...]``
     scale_runs = scale_spec.pop("runs", None)
+    # ... and change single runs there: ``per_run: {id: {<run keys>}}``, merged over the run's own keys (e.g. a
+    # hyper-parameter a CPU budget cannot afford, an evaluation a scale leaves out)
+    scale_per_run = scale_spec.pop("per_run", None) or {}
+    if not isinstance(scale_per_run, dict) or not all(isinstance(v, dict) for v in scale_per_run.values()):
+        raise UserError(f"scales.{scale}.per_run in {path.name} must map run ids to run keys")
     for where, block in (("defaults", spec.get("defaults") or {}), (f"scales.{scale}", scale_spec)):
         for sec, body in block.items():
             _check_section(sec, body, f"{path.name} {where}")
@@ -189,6 +195,15 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
     if not isinstance(runs_spec, dict):
         raise UserError(f"runs in {path.name} must map run ids to runs")
     runs_spec = expand_runs(runs_spec, path.name)  # a `matrix:` entry stands for the runs of its product
+    for rid, extra in scale_per_run.items():
+        if rid not in runs_spec:
+            close = difflib.get_close_matches(str(rid), list(runs_spec), n=1)
+            raise UserError(f"scales.{scale}.per_run in {path.name} names unknown run '{rid}'"
+                            + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if "stage" in extra:
+            raise UserError(f"scales.{scale}.per_run.{rid} in {path.name}: a scale cannot change a run's stage")
+        if runs_spec[rid] is None or isinstance(runs_spec[rid], dict):  # anything else is refused below
+            runs_spec[rid] = merge(runs_spec[rid] or {}, extra)
     if not runs_spec:
         raise UserError(f"experiment {exp_name} defines no runs")
     runs: dict[str, Run] = {}
