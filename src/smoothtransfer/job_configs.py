@@ -26,8 +26,6 @@ CHECKPOINT_HELP = ("classifier checkpoint (.pt) saved by pretrain/finetune, or a
                    "implementations' checkpoints), timm:NAME, hf-hub:ORG/NAME, local-dir:DIR (timm classifiers; "
                    "their resize and mean/std become part of the base classifier)")
 DATASET_HELP = "cifar10, tiny-imagenet-32, eurosat-32, imagefolder:<dir or .zip>, torchvision-cifar10, ..."
-#: certify/predict --amp: the autocast dtype of the base classifier (noise is drawn and added in float32)
-AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 ATTACK_CHOICES = ("apgd-l2", "pgd-l2", "smoothed-pgd", "certificate-check")
 SMOOTHED_ATTACKS = ("smoothed-pgd", "certificate-check")
 DEFAULT_STEPS = {"apgd-l2": 100, "pgd-l2": 20, "smoothed-pgd": 20, "certificate-check": 20}
@@ -84,7 +82,7 @@ class PredictConfig(JobConfig):
     max: int = opt(-1, help="at most MAX images after --skip (default: -1 = all)")
     seed: int = opt(0, help="noise seed; image i uses a generator seeded by (seed, σ, i)")
     device: str = opt("auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    amp: str = opt("none", choices=("auto", *sorted(AMP_DTYPES)),
+    amp: str = opt("none", choices=AMP_CHOICES,
                    help="run the base classifier in bf16/fp16 autocast (noise is still added in float32); auto: "
                         "bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (the result files record which)")
     denoiser: str | None = opt(None, help="denoiser directory: certify denoiser+classifier (denoised smoothing)")

@@ -175,6 +175,22 @@ def auto_amp(device: torch.device) -> str:
     return "none"
 
 
+#: autocast dtypes by the names configs and run records use (``none``: full precision)
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) on ``device``."""
+    return AMP_DTYPES[auto_amp(device) if amp == "auto" else amp]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The name of an autocast dtype (``none`` | ``bf16`` | ``fp16``), as configs and run records write it."""
+    if dtype == torch.float32:  # full precision asked for by its dtype
+        return "none"
+    return next((k for k, v in AMP_DTYPES.items() if v == dtype), str(dtype))
+
+
 def environment_info() -> dict[str, Any]:
     """What a run directory records about the machine and software."""
     info: dict[str, Any] = {

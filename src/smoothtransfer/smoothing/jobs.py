@@ -24,7 +24,7 @@ from smoothtransfer.data.datasets import get_dataset
 from smoothtransfer.data.subsets import evenly_spaced
 from smoothtransfer.errors import UserError
 from smoothtransfer.evaluation.metrics import radius_grid
-from smoothtransfer.job_configs import AMP_DTYPES, CertifyConfig, PredictConfig, parse_shard, parse_workers
+from smoothtransfer.job_configs import CertifyConfig, PredictConfig, parse_shard, parse_workers
 from smoothtransfer.models.checkpoint import load_classifier
 from smoothtransfer.models.external import parse_source
 from smoothtransfer.reporting.tables import DEFAULT_RADII, certified_table, markdown_table
@@ -39,7 +39,7 @@ from smoothtransfer.smoothing.sampling import (
 from smoothtransfer.smoothing.sequential import certify_sequential
 from smoothtransfer.smoothing.stats import max_certifiable_radius
 from smoothtransfer.smoothing.workers import cpu_workers_available
-from smoothtransfer.utils import auto_amp, resolve_device
+from smoothtransfer.utils import AMP_DTYPES, auto_amp, resolve_device
 
 CHECKPOINT_STEMS = ("checkpoint", "best", "last", "model", "final")
 
@@ -139,7 +139,7 @@ def load_inputs(cfg: PredictConfig, command: str, device_name: str | None = None
     """Load and cross-check the checkpoint, dataset and denoiser of ``cfg``; nothing is written."""
     device = resolve_device(device_name or cfg.device)
     amp = auto_amp(device) if cfg.amp == "auto" else cfg.amp  # what auto resolved to lands in the sidecar
-    amp_dtype = getattr(torch, AMP_DTYPES[amp]) if AMP_DTYPES[amp] else None
+    amp_dtype = AMP_DTYPES[amp]
     denoiser_mod = None
     if cfg.denoiser:
         try:

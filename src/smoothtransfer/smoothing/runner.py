@@ -66,6 +66,7 @@ from smoothtransfer.smoothing.smooth import ABSTAIN, Smooth, sigma_too_small
 from smoothtransfer.smoothing.workers import cpu_workers_available, map_groups
 from smoothtransfer.utils import (
     WRITE_ERRNOS,
+    amp_name,
     atomic_write_json,
     environment_info,
     git_revision,
@@ -335,13 +336,13 @@ def _run_locked(
     idx_list = idx_list[k::num_shards]
     if num_classes is None:
         num_classes = len(dataset.classes)
-    amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+    amp = amp_name(amp_dtype)
 
     jobs = [ResultFile.at(out, mode, sigma, k, num_shards) for sigma in sigmas]
     settings_of = {
         job.sigma: {
             "mode": mode, "sigma": job.sigma, "n0": n0, "n": n, "alpha": alpha, "seed": int(seed),
-            "seed_scheme": SEED_SCHEME, "num_classes": int(num_classes), "amp": amp_name, "certifier": certifier,
+            "seed_scheme": SEED_SCHEME, "num_classes": int(num_classes), "amp": amp, "certifier": certifier,
             **dict(identity or {}),
         }
         for job in jobs

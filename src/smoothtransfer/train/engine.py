@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from smoothtransfer.errors import UserError
 from smoothtransfer.models.checkpoint import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 from smoothtransfer.train.distributed import DistInfo
-from smoothtransfer.utils import atomic_write_json, auto_amp
+from smoothtransfer.utils import amp_dtype, amp_name, atomic_write_json  # noqa: F401  (amp_*: the trainers')
 
 CHECKPOINT = RUN_CHECKPOINT  # "checkpoint.pt"
 BEST = "best.pt"
@@ -53,19 +53,6 @@ class StepOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------
 # precision and RNG
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) on ``device``."""
-    if amp == "auto":
-        amp = auto_amp(device)
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    """The name of an autocast dtype from :func:`amp_dtype` (``none`` | ``bf16`` | ``fp16``), as run records
-    store it."""
-    return {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
