@@ -99,6 +99,23 @@ def test_scale_per_run_changes_one_run_at_that_scale_only(data_root, tmp_path):
     assert cpu.runs["ft"].train.objective.params == {"eta": 0.5}  # other runs untouched
 
 
+def test_rows_of_a_sigma_a_scale_does_not_certify_are_dropped(data_root, tmp_path):
+    runs = {"a": {"stage": "pretrain", "evaluate": ["certify"], "certify": {"sigmas": [0.25, 1.0]}}}
+    table = {"id": "t", "title": "t", "columns": ["cert:0.25"],
+             "rows": [{"run": "a", "sigma": 0.25}, {"run": "a", "sigma": 1.0}, {"run": "a"}],
+             "claims": [{"claim": "c", "a": {"run": "a", "sigma": 1.0}, "b": {"run": "a", "sigma": 0.25},
+                         "metric": "cert:0.25", "expect": ">"}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "defaults": {"pretrain": {"data": {"dataset": "cifar10"}, "model": {"arch": "resnet20"}},
+                                     "certify": {"n": 100, "n0": 10}},
+        "scales": {"cpu-small": {}, "cpu": {"per_run": {"a": {"certify": {"sigmas": [0.25]}}}}},
+        "runs": runs, "tables": [table]}, allow_unicode=True, sort_keys=False))
+    small, cpu = _load(str(path), tmp_path), _load(str(path), tmp_path, "cpu")
+    assert len(small.tables[0]["rows"]) == 3 and len(small.tables[0]["claims"]) == 1
+    assert cpu.tables[0]["rows"] == [{"run": "a", "sigma": 0.25}, {"run": "a"}] and cpu.tables[0]["claims"] == []
+
+
 @pytest.mark.parametrize("per_run, needle", [
     ({"upp": {"epochs": 1}}, r"scales.cpu.per_run in tiny.yaml names unknown run 'upp' \(did you mean 'up'\?\)"),
     ({"up": {"stage": "finetune"}}, "a scale cannot change a run's stage"),

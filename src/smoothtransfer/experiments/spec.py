@@ -299,6 +299,7 @@ def load_experiment(name: str, scale: str = "cpu-small", out: str | Path | None 
                 if (c.get(side) or {}).get("run") not in runs:
                     raise UserError(f"a claim of table '{t.get('id')}' in {path.name} names unknown run "
                                     f"{(c.get(side) or {}).get('run')!r}")
+    tables = _drop_uncertified_rows(tables, runs)
     if scale_runs is not None:
         runs = _closure(runs, scale_runs, f"scales.{scale}.runs in {path.name}")
         tables = _restrict_tables(tables, runs)
@@ -354,6 +355,26 @@ def base_accuracy_eval(cert: dict) -> dict:
     e["sigmas"] = [0.0] if cert.get("denoiser") else [0.0, *sorted({float(s) for s in cert.get("sigmas", [])})]
     e["seed"] = int(cert.get("seed", 0))
     return e
+
+
+def _certifies(runs: dict[str, Run], ref: dict) -> bool:
+    """Whether the (run, σ) a table row or claim side names is certified at this scale: a row with a σ its run
+    does not certify (a scale's ``per_run`` may certify fewer σ) has nothing to show."""
+    run = runs.get(ref.get("run"))
+    if run is None or ref.get("sigma") is None or "certify" not in run.evaluate:
+        return True
+    return any(abs(float(s) - float(ref["sigma"])) < 1e-9 for s in run.evaluate["certify"].get("sigmas", []))
+
+
+def _drop_uncertified_rows(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
+    """Tables without the rows and claims naming a σ their run does not certify (see :func:`_certifies`)."""
+    out = []
+    for t in tables:
+        rows = [r for r in t.get("rows", []) if _certifies(runs, r)]
+        claims = [c for c in t.get("claims", []) or [] if _certifies(runs, c["a"]) and _certifies(runs, c["b"])]
+        if rows:
+            out.append(dict(t, rows=rows, claims=claims))
+    return out
 
 
 def _restrict_tables(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
