@@ -368,24 +368,25 @@ def _certifies(runs: dict[str, Run], ref: dict) -> bool:
 
 def _drop_uncertified_rows(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
     """Tables without the rows and claims naming a σ their run does not certify (see :func:`_certifies`)."""
-    out = []
-    for t in tables:
-        rows = [r for r in t.get("rows", []) if _certifies(runs, r)]
-        claims = [c for c in t.get("claims", []) or [] if _certifies(runs, c["a"]) and _certifies(runs, c["b"])]
-        if rows:
-            out.append(dict(t, rows=rows, claims=claims))
-    return out
+    return _filter_tables(tables, lambda ref: _certifies(runs, ref))
 
 
 def _restrict_tables(tables: list[dict], runs: dict[str, Run]) -> list[dict]:
-    """Tables cut to the rows and claims of ``runs``; a table left without rows is dropped."""
+    """Tables cut to the rows and claims of ``runs``; a paper row tied to one of our runs goes with it."""
+    return _filter_tables(tables, lambda ref: ref["run"] in runs,
+                          keep_paper=lambda p: p.get("run") is None or p["run"] in runs)
+
+
+def _filter_tables(tables: list[dict], keep, keep_paper=None) -> list[dict]:
+    """Tables with the rows and claims (both sides) that ``keep`` accepts, and the paper rows that
+    ``keep_paper`` accepts (all when None); a table left without rows is dropped."""
     out = []
     for t in tables:
-        rows = [r for r in t.get("rows", []) if r["run"] in runs]
-        claims = [c for c in t.get("claims", []) or [] if c["a"]["run"] in runs and c["b"]["run"] in runs]
+        rows = [r for r in t.get("rows", []) if keep(r)]
+        claims = [c for c in t.get("claims", []) or [] if keep(c["a"]) and keep(c["b"])]
         paper = dict(t.get("paper") or {})
-        if paper.get("rows"):  # a paper row tied to one of our runs goes with it
-            paper["rows"] = [p for p in paper["rows"] if p.get("run") is None or p["run"] in runs]
+        if keep_paper is not None and paper.get("rows"):
+            paper["rows"] = [p for p in paper["rows"] if keep_paper(p)]
         if rows:
             out.append(dict(t, rows=rows, claims=claims, **({"paper": paper} if paper else {})))
     return out

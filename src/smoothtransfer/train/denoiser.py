@@ -49,13 +49,18 @@ from smoothtransfer.train.engine import (
     CHECKPOINT,
     Job,
     StepOutput,
-    amp_dtype,
-    amp_name,
     open_run,
     read_train_state,
     train,
 )
-from smoothtransfer.utils import atomic_write_json, environment_info, git_revision, resolve_device
+from smoothtransfer.utils import (
+    amp_dtype,
+    amp_name,
+    atomic_write_json,
+    environment_info,
+    git_revision,
+    resolve_device,
+)
 
 __all__ = ["DEFAULT_LR", "DenoiserConfig", "finished_epochs", "train_denoiser"]
 

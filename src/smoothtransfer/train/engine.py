@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from smoothtransfer.errors import UserError
 from smoothtransfer.models.checkpoint import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 from smoothtransfer.train.distributed import DistInfo
-from smoothtransfer.utils import amp_dtype, amp_name, atomic_write_json  # noqa: F401  (amp_*: the trainers')
+from smoothtransfer.utils import atomic_write_json
 
 CHECKPOINT = RUN_CHECKPOINT  # "checkpoint.pt"
 BEST = "best.pt"

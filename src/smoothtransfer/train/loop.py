@@ -34,9 +34,11 @@ from smoothtransfer.models.factory import create_classifier
 from smoothtransfer.models.lora import apply_lora
 from smoothtransfer.objectives import build_objective
 from smoothtransfer.train import distributed as D
-from smoothtransfer.train.engine import BEST, CHECKPOINT, Job, amp_dtype, amp_name, autocast, open_run, train
+from smoothtransfer.train.engine import BEST, CHECKPOINT, Job, autocast, open_run, train
 from smoothtransfer.train.optim import build_optimizer, build_scheduler, param_groups
 from smoothtransfer.utils import (
+    amp_dtype,
+    amp_name,
     atomic_write_json,
     atomic_write_text,
     environment_info,
