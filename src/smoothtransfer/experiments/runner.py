@@ -86,7 +86,7 @@ def has_final_weights(exp: Experiment, run_id: str) -> bool:
     """The run directory of ``run_id`` holds its finished model (an interrupted run's resume checkpoint does not
     count: a run started from it would start from a half-trained model)."""
     run, d = exp.runs[run_id], exp.out / run_id
-    if run.stage == "evaluate":  # no model of its own (and no run starts from it)
+    if not run.trains:  # no model of its own (and no run starts from it)
         return False
     if run.stage == "denoiser":
         return finished_epochs(d / "denoiser") >= _denoiser_config(run, d / "denoiser").epochs
@@ -109,7 +109,7 @@ def plan(exp: Experiment) -> list[Run]:
                     grew = True
             # a model trained again is not the model its stored evaluate runs evaluated: evaluate it again
             for r in exp.runs.values():
-                if r.stage == "evaluate" and r.init == rid and r.id not in todo:
+                if not r.trains and r.init == rid and r.id not in todo:
                     todo.add(r.id)
                     grew = True
     return [r for r in exp.order() if r.id in todo]

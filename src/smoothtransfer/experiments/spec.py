@@ -101,6 +101,12 @@ class Run:
     denoiser_args: dict | None = None
     needs: list[str] = field(default_factory=list)
 
+    @property
+    def trains(self) -> bool:
+        """Whether the run trains a model of its own; an ``evaluate`` run only evaluates its init run's model
+        (so it has no weights, no ``train/`` results, and its store key holds the init run's model settings)."""
+        return self.stage != "evaluate"
+
 
 @dataclass
 class Experiment:

@@ -57,7 +57,7 @@ def run_settings(exp: Experiment, run: Run) -> dict:
         "stage": run.stage, "init_run": run.init,
         "train": _strip_paths(to_dict(run.train)) if run.train is not None else None,
         "denoiser_args": _strip_paths(run.denoiser_args), "evaluate": _strip_paths(run.evaluate),
-        "needs": {dep: _model_settings(run_settings(exp, exp.runs[dep])) if dep == run.init and run.stage == "evaluate"
+        "needs": {dep: _model_settings(run_settings(exp, exp.runs[dep])) if dep == run.init and not run.trains
                   else run_settings(exp, exp.runs[dep]) for dep in run.needs if dep in exp.runs},
     }))
 
@@ -84,7 +84,7 @@ def is_complete(exp: Experiment, run: Run) -> bool:
     if run.stage == "denoiser":
         psnr_wanted = (run.denoiser_args or {}).get("psnr_images", 1) != 0
         return any((d / "denoiser").glob("*.json")) and (not psnr_wanted or (d / "denoiser" / PSNR_FILE).is_file())
-    if run.stage != "evaluate" and not (d / "train" / "train_summary.json").is_file():
+    if run.trains and not (d / "train" / "train_summary.json").is_file():
         return False
     if not all((d / kind / RESULT_FILE[kind]).is_file() for kind in run.evaluate):
         return False
@@ -101,7 +101,7 @@ def export_run(exp: Experiment, run: Run) -> None:
         return
     src = exp.out / run.id
     for sub, patterns in KEEP.items():
-        if sub == "train" and run.stage == "evaluate":  # trains nothing (a leftover train/ is not its own)
+        if sub == "train" and not run.trains:  # trains nothing (a leftover train/ is not its own)
             continue
         for pattern in patterns:
             for f in sorted((src / sub).glob(pattern)):
@@ -114,7 +114,7 @@ def export_run(exp: Experiment, run: Run) -> None:
 def source_dir(exp: Experiment, run_id: str) -> Path:
     """Where the results of ``run_id`` are read from: its run directory when it holds any, else the store."""
     live = exp.out / run_id
-    trains = run_id not in exp.runs or exp.runs[run_id].stage != "evaluate"
+    trains = run_id not in exp.runs or exp.runs[run_id].trains
     if any((live / kind / f).is_file() for kind, f in RESULT_FILE.items()) or \
             (trains and (live / "train" / "train_summary.json").is_file()):
         return live

@@ -62,7 +62,7 @@ def collect(exp: Experiment) -> dict[str, Any]:
             if f.is_file():
                 r[kind] = read_summary(f) if kind == "certify" else json.loads(f.read_text())
         for key, f in (("train", d / "train" / "train_summary.json"), ("run_info", d / "train" / "run_info.json")):
-            if f.is_file() and run.stage != "evaluate":
+            if f.is_file() and run.trains:
                 r[key] = json.loads(f.read_text())
         dn = _denoiser_run(exp, run)
         psnr = store.source_dir(exp, dn) / "denoiser" / PSNR_FILE if dn else None
