@@ -160,18 +160,23 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model, "bf16_units": units, "avx512": "avx512f" in flags}
 
 
-def auto_amp(device: torch.device) -> str:
+def auto_amp(device: torch.device, training: bool = False) -> str:
     """What ``amp: auto`` means on ``device``: ``"bf16"`` or ``"none"``.
 
-    CUDA: bf16 where the GPU supports it. CPU: bf16 only with AMX, where it measured 1.5-1.6x faster training
-    of a CIFAR ResNet-20 than fp32 (2-core Xeon, ``benchmarks/train_throughput.py``). On CPUs with only
-    AVX512-BF16 the previous measurements (certification, AMD EPYC) showed no clear gain, so fp32 stays the
-    default there; elsewhere bf16 is emulated and slower.
+    CUDA: bf16 where the GPU supports it. CPU with AMX: bf16 (training a CIFAR ResNet-20 1.5-1.6x faster than
+    fp32, certification 2-3x; 2-core Xeon, ``benchmarks/train_throughput.py`` / ``certify_throughput.py``).
+    CPU with only AVX512-BF16 (``training=True``): bf16 for training, where it measured 1.99x (BatchNorm; 1.64x
+    compiled) and 1.72x (LayerNorm) fp32 for a ResNet-20 and 1.53x for the tiny diffusion UNet (2-core AMD EPYC,
+    2026-12-07, ``benchmarks/results/train_throughput_epyc-avx512bf16_2026-12-07.txt``); fp32 for
+    certification (``training=False``), where bf16 measured within 10% of fp32 on that kind of CPU and is
+    not worth its coarser logits. Elsewhere bf16 is emulated and slower: fp32.
     """
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    if device.type == "cpu" and cpu_info()["bf16_units"] == "amx":
-        return "bf16"
+    if device.type == "cpu":
+        units = cpu_info()["bf16_units"]
+        if units == "amx" or (training and units == "avx512_bf16"):
+            return "bf16"
     return "none"
 
 
@@ -179,9 +184,10 @@ def auto_amp(device: torch.device) -> str:
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) on ``device``."""
-    return AMP_DTYPES[auto_amp(device) if amp == "auto" else amp]
+def amp_dtype(amp: str, device: torch.device, training: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (``auto`` | ``none`` | ``bf16`` | ``fp16``) on ``device``; ``training``
+    picks :func:`auto_amp`'s rule for training steps (the trainers) rather than inference (certification)."""
+    return AMP_DTYPES[auto_amp(device, training) if amp == "auto" else amp]
 
 
 def amp_name(dtype: torch.dtype | None) -> str:

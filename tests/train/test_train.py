@@ -430,3 +430,14 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(data, tmp_path)
         assert c["val_acc"] == pytest.approx(e["val_acc"], abs=0.1)
     info = json.loads((tmp_path / "compiled" / "run_info.json").read_text())
     assert info["compile"] is True
+
+
+def test_amp_auto_trains_in_bf16_on_avx512_bf16_and_records_it(data, tmp_path, monkeypatch):
+    """``amp: auto`` takes the training rule (bf16 on an AVX512-BF16 CPU, where certification stays fp32) and
+    run_info.json says what it chose."""
+    from smoothtransfer import utils
+
+    monkeypatch.setattr(utils, "cpu_info", lambda: {"model": "x", "bf16_units": "avx512_bf16", "avx512": True})
+    out = tmp_path / "auto"
+    run_training(make_cfg(data["up"], out, "amp=auto", "epochs=1"))
+    assert json.loads((out / "run_info.json").read_text())["amp"] == {"asked": "auto", "used": "bf16"}

@@ -152,7 +152,7 @@ def train_denoiser(cfg: DenoiserConfig, *, _stop_after_steps: int | None = None)
     n = len(images)
 
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.kind]
-    amp = amp_dtype(cfg.amp, device)
+    amp = amp_dtype(cfg.amp, device, training=True)
     config = _record(cfg, h, channels, lr, amp_name(amp))
     existing = open_run(out, epochs=cfg.epochs, resume=cfg.resume, check_settings=_check_settings(out, config),
                         hint="or choose another --out")

@@ -316,7 +316,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         # in place, after the EMA copy was made: parameters, state_dict keys and checkpoints are the plain
         # model's; train and eval mode compile once each
         model.compile()
-    amp = amp_dtype(cfg.amp, device)
+    amp = amp_dtype(cfg.amp, device, training=True)
     uses_labels = getattr(objective, "uses_labels", True)
     augment = TRAIN_AUGMENTS.get(cfg.data.augment) if cfg.data.augment != "none" and uses_labels else None
 
