@@ -192,6 +192,42 @@ def test_changed_upstream_makes_stored_fine_tunes_stale(tmp_path, monkeypatch):
     assert sorted(r.id for r in plan(load(2))) == ["ft", "up"]
 
 
+def test_a_retrained_upstream_reruns_every_stored_run_downstream_of_it(tmp_path, monkeypatch):
+    """Fresh clone of a finished grid plus one new fine-tune: the upstream's weights are gone, so it trains
+    again, and the stored fine-tunes of the *old* upstream run again too (else one table would pair a
+    fine-tune of the new model with results of the old one); with the upstream's weights present, nothing
+    but the new run runs."""
+    from smoothtransfer.experiments import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_check_data", lambda exp: None)
+    spec = _spec([])
+    spec["defaults"]["finetune"] = {"data": {"dataset": "cifar10"}, "objective": {"name": "clean"}}
+    path = tmp_path / "g.yaml"
+
+    def load(runs: dict):
+        spec["runs"] = runs
+        path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+        return load_experiment(str(path), "cpu-small", out=tmp_path / "runs", results_dir=tmp_path / "results")
+
+    chain = {"up": {"stage": "pretrain"}, "ft": {"stage": "finetune", "init": "up"},
+             "ft2": {"stage": "finetune", "init": "ft"}}
+    exp = load(chain)
+    rng = np.random.default_rng(1)
+    for rid in ("ft", "ft2"):
+        _fake_run(tmp_path / "runs", rid, rng.random(20) < 0.5, np.full(20, 0.3))
+    (tmp_path / "runs" / "up" / "train").mkdir(parents=True)
+    (tmp_path / "runs" / "up" / "train" / "train_summary.json").write_text("{}")
+    for run in exp.runs.values():
+        store.export_run(exp, run)
+    assert plan(exp) == []
+    grown = load({**chain, "new": {"stage": "finetune", "init": "up"}})
+    with monkeypatch.context() as m:  # the upstream's finished model still in its run directory: only the new run
+        m.setattr("smoothtransfer.experiments.runner.has_final_weights", lambda e, rid: rid == "up")
+        assert [r.id for r in plan(grown)] == ["new"]
+    shutil.rmtree(tmp_path / "runs")  # fresh clone: up trains anew, and so does everything that started from it
+    assert sorted(r.id for r in plan(grown)) == ["ft", "ft2", "new", "up"]
+
+
 def test_a_partly_certified_run_is_not_complete(grid, tmp_path):
     """summary.json is written after every σ: a run stored while a σ is unfinished must run again."""
     exp = grid([_table()])

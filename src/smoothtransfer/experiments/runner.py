@@ -97,7 +97,12 @@ def has_final_weights(exp: Experiment, run_id: str) -> bool:
 def plan(exp: Experiment) -> list[Run]:
     """The runs that must execute: those the store does not hold complete, plus any run they start from whose
     finished model is not in its run directory (a stored run keeps its results, not its weights), plus the
-    evaluate runs of every training run that runs (their stored results are of the model it replaces)."""
+    evaluate runs of every training run that runs (their stored results are of the model it replaces), plus
+    every run downstream of a model that is trained anew (its run directory lacks the finished model).
+
+    Why the last: a model trained again is not, bit for bit, the model the stored downstream runs started
+    from or evaluated (another CPU, another precision, another thread count), so keeping their stored results
+    would pair, in one table, a fine-tune of the new model with evaluations of the old one."""
     todo = {r.id for r in exp.runs.values() if not store.is_complete(exp, r)}
     grew = True
     while grew:
@@ -107,9 +112,13 @@ def plan(exp: Experiment) -> list[Run]:
                 if dep not in todo and not has_final_weights(exp, dep):
                     todo.add(dep)
                     grew = True
-            # a model trained again is not the model its stored evaluate runs evaluated: evaluate it again
+            retrained = exp.runs[rid].trains and not has_final_weights(exp, rid)
             for r in exp.runs.values():
-                if not r.trains and r.init == rid and r.id not in todo:
+                if r.id in todo:
+                    continue
+                # a model trained again is not the model its stored evaluate runs evaluated, nor the one its
+                # stored downstream runs started from (or denoised with): run them again
+                if (not r.trains and r.init == rid) or (retrained and rid in r.needs):
                     todo.add(r.id)
                     grew = True
     return [r for r in exp.order() if r.id in todo]
