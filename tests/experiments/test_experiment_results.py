@@ -228,6 +228,43 @@ def test_a_retrained_upstream_reruns_every_stored_run_downstream_of_it(tmp_path,
     assert sorted(r.id for r in plan(grown)) == ["ft", "ft2", "new", "up"]
 
 
+def test_a_config_key_added_since_a_run_was_stored_counts_at_its_default(tmp_path, monkeypatch):
+    """A run stored before TrainConfig had a key (the mixed-noise grid predates ``compile``) stays complete
+    while the grid leaves that key at its default, for itself and for runs that start from it; a stored
+    value that differs from the grid's still makes it stale."""
+    from smoothtransfer.experiments import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_check_data", lambda exp: None)
+    spec = _spec([])
+    spec["defaults"]["finetune"] = {"data": {"dataset": "cifar10"}, "objective": {"name": "clean"}}
+    spec["runs"] = {"up": {"stage": "pretrain"}, "ft": {"stage": "finetune", "init": "up"}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    exp = load_experiment(str(path), "cpu-small", out=tmp_path / "runs", results_dir=tmp_path / "results")
+    _fake_run(tmp_path / "runs", "ft", np.random.default_rng(1).random(20) < 0.5, np.full(20, 0.3))
+    (tmp_path / "runs" / "up" / "train").mkdir(parents=True)
+    (tmp_path / "runs" / "up" / "train" / "train_summary.json").write_text("{}")
+    for run in exp.runs.values():
+        store.export_run(exp, run)
+    assert plan(exp) == []
+
+    def edit(rid: str, fn) -> None:
+        f = tmp_path / "results" / "tiny" / "cpu-small" / rid / "settings.json"
+        s = json.loads(f.read_text())
+        fn(s)
+        f.write_text(json.dumps(s))
+
+    edit("up", lambda s: s["train"].pop("compile"))  # stored before the key existed
+    edit("ft", lambda s: (s["train"].pop("compile"), s["needs"]["up"]["train"].pop("compile")))
+    assert plan(exp) == []
+    edit("ft", lambda s: s["train"].update(compile=True))  # a real difference
+    assert store.is_complete(exp, exp.runs["up"]) and not store.is_complete(exp, exp.runs["ft"])
+    edit("ft", lambda s: s["train"].update(compile=False, gone_key=1))  # a key the config no longer has
+    assert not store.is_complete(exp, exp.runs["ft"])
+    edit("ft", lambda s: s["train"].pop("gone_key"))
+    assert store.is_complete(exp, exp.runs["ft"])
+
+
 def test_a_partly_certified_run_is_not_complete(grid, tmp_path):
     """summary.json is written after every σ: a run stored while a σ is unfinished must run again."""
     exp = grid([_table()])

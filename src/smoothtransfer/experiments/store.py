@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smoothtransfer.config import to_dict
+from smoothtransfer.config import TrainConfig, to_dict
 from smoothtransfer.evaluation.denoiser_quality import PSNR_FILE
 from smoothtransfer.experiments.spec import Experiment, Run
 from smoothtransfer.smoothing.results import SUMMARY_FILE, complete_sigmas
@@ -62,6 +62,39 @@ def run_settings(exp: Experiment, run: Run) -> dict:
     }))
 
 
+def _fill_defaults(d: dict, defaults: dict) -> dict:
+    out = dict(d)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _fill_defaults(out[k], v)
+    return out
+
+
+def _with_train_defaults(settings: Any) -> Any:
+    """Stored ``settings`` with every training-config key added to :class:`TrainConfig` since they were stored
+    filled in at its default, in the run's own ``train`` block and in those of the runs it starts from.
+
+    Why: a config key is added with the old behaviour as its default (``compile: false`` came after the
+    mixed-noise grid was stored), so a run stored before the key existed computed what the key's default
+    computes; without this, every new key would make every stored grid stale and re-run it from scratch.
+    A stored key that is no longer a config key, or a stored value other than the new default, still counts
+    as a change."""
+    if not isinstance(settings, dict):
+        return settings
+    out = dict(settings)
+    if isinstance(out.get("train"), dict):
+        out["train"] = _fill_defaults(out["train"], _train_defaults())
+    if isinstance(out.get("needs"), dict):
+        out["needs"] = {k: _with_train_defaults(v) for k, v in out["needs"].items()}
+    return out
+
+
+def _train_defaults() -> dict:
+    return json.loads(json.dumps(_strip_paths(to_dict(TrainConfig()))))
+
+
 def _model_settings(settings: dict) -> dict:
     """What defines a run's model, without its evaluations: an evaluate run of it depends on that alone."""
     return {k: v for k, v in settings.items() if k != "evaluate"}
@@ -77,7 +110,7 @@ def is_complete(exp: Experiment, run: Run) -> bool:
     if d is None or not (d / "settings.json").is_file():
         return False
     try:
-        if json.loads((d / "settings.json").read_text()) != run_settings(exp, run):
+        if _with_train_defaults(json.loads((d / "settings.json").read_text())) != run_settings(exp, run):
             return False
     except ValueError:
         return False
