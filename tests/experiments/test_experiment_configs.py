@@ -203,7 +203,8 @@ def test_robust_transfer_study_cpu_scale(data_root, tmp_path):
     class) and Table 7 (clean last layer vs CR fine-tune), upstream on all 200 classes, >= 500 test images."""
     exp = _load("robust-transfer-study", "cpu", data_root, tmp_path)
     runs = exp.runs
-    headline = ["cr-scratch-es50", "cr-cr-es50", "head-cr-es50", "cr-scratch-es500", "cr-cr-es500", "head-cr-es500"]
+    headline = ["cr-scratch-es50", "cr-cr-es50", "head-cr-es50", "cr-scratch-es500", "cr-cr-es500", "head-cr-es500",
+                "cr-scratch-es50-long", "cr-scratch-es500-long"]
     assert set(runs) == {*headline, "pre-cr"}  # the rest of the grid is not run at this scale
     pre = runs["pre-cr"].train
     assert pre.data.dataset == "tiny-imagenet-32" and pre.data.max_classes is None and pre.data.max_train is None
@@ -223,11 +224,16 @@ def test_robust_transfer_study_cpu_scale(data_root, tmp_path):
         # random init and CR fine-tune take the same optimiser steps on the same images
         assert (scratch.epochs, scratch.batch_size) == (ft.epochs, ft.batch_size)
         assert runs[f"head-cr-es{k}"].train.mode == "fixed" and runs[f"head-cr-es{k}"].init == "pre-cr"
+        # the longer random-init baseline: the same run but for its epochs (the paper trains to a plateau)
+        long = runs[f"cr-scratch-es{k}-long"].train
+        assert long.epochs > scratch.epochs and long.data == scratch.data and long.objective == scratch.objective
+        assert runs[f"cr-scratch-es{k}-long"].evaluate == runs[f"cr-scratch-es{k}"].evaluate
     _check_scale_claims(exp)
     claims = _claim_keys(exp)
     for k in (50, 500):
         assert (f"cr-cr-es{k}", 0.5, f"cr-scratch-es{k}", 0.5, "cert:0.5") in claims
         assert (f"head-cr-es{k}", 0.5, f"cr-cr-es{k}", 0.5, "cert:0.5") in claims
+        assert (f"cr-cr-es{k}", 0.5, f"cr-scratch-es{k}-long", 0.5, "cert:0.5") in claims
 
 
 def test_ftcadis_cpu_scale(data_root, tmp_path):
