@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from train_throughput import machine_line  # noqa: E402  (this script's folder is on sys.path)
+
 from smoothtransfer.models.denoisers import create_diffusion_unet  # noqa: E402
-from smoothtransfer.utils import auto_amp, cpu_info  # noqa: E402
 
 
 def rate(amp: str, batch: int, steps: int) -> float:
@@ -57,9 +58,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = cpu_info()
-    print(f"CPU: {info['model']} (bf16 units: {info['bf16_units']}); torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; training amp auto → {auto_amp(torch.device('cpu'), training=True)}")
+    print(machine_line())
     rows = [(amp, rate(amp, args.batch_size, args.steps)) for amp in ("none", "bf16", "none", "bf16")]
     fp32 = sum(r for a, r in rows if a == "none") / 2
     print(f"tiny diffusion UNet training steps, batch {args.batch_size}, eager")

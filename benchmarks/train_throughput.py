@@ -40,6 +40,14 @@ from smoothtransfer.train.loop import run_training  # noqa: E402
 from smoothtransfer.utils import auto_amp, cpu_info  # noqa: E402
 
 
+def machine_line() -> str:
+    """The header both training benchmarks print: CPU model, its bf16 units, torch, threads, and what
+    ``amp: auto`` picks for training here."""
+    info = cpu_info()
+    return (f"CPU: {info['model']} (bf16 units: {info['bf16_units']}); torch {torch.__version__}; "
+            f"{torch.get_num_threads()} threads; training amp auto → {auto_amp(torch.device('cpu'), training=True)}")
+
+
 def plain_loop(x_u8: torch.Tensor, y: torch.Tensor, norm: str, batch_size: int, sigma: float,
                compile_model: bool = False) -> float:
     """Images/s of a tutorial-style fp32 training loop on the same data and model."""
@@ -96,9 +104,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = cpu_info()
-    print(f"CPU: {info['model']} (bf16 units: {info['bf16_units']}); torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; amp auto → {auto_amp(torch.device('cpu'), training=True)}")
+    print(machine_line())
     ds = get_dataset("cifar10", "train")
     # A seeded random subset in random order, as a shuffled DataLoader would give: the stored train split is
     # sorted by class, and its first images (all one class) drive the plain loop's loss to 0 within a few

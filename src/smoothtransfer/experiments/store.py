@@ -72,7 +72,7 @@ def _fill_defaults(d: dict, defaults: dict) -> dict:
     return out
 
 
-def _with_train_defaults(settings: Any) -> Any:
+def _with_train_defaults(settings: Any, defaults: dict | None = None) -> Any:
     """Stored ``settings`` with every training-config key added to :class:`TrainConfig` since they were stored
     filled in at its default, in the run's own ``train`` block and in those of the runs it starts from.
 
@@ -83,16 +83,14 @@ def _with_train_defaults(settings: Any) -> Any:
     as a change."""
     if not isinstance(settings, dict):
         return settings
+    if defaults is None:  # once per stored file, shared by the runs it starts from
+        defaults = json.loads(json.dumps(_strip_paths(to_dict(TrainConfig()))))
     out = dict(settings)
     if isinstance(out.get("train"), dict):
-        out["train"] = _fill_defaults(out["train"], _train_defaults())
+        out["train"] = _fill_defaults(out["train"], defaults)
     if isinstance(out.get("needs"), dict):
-        out["needs"] = {k: _with_train_defaults(v) for k, v in out["needs"].items()}
+        out["needs"] = {k: _with_train_defaults(v, defaults) for k, v in out["needs"].items()}
     return out
-
-
-def _train_defaults() -> dict:
-    return json.loads(json.dumps(_strip_paths(to_dict(TrainConfig()))))
 
 
 def _model_settings(settings: dict) -> dict:
